@@ -1,0 +1,105 @@
+"""Blending a warped segment into the target image, on the segment's region only.
+
+Three methods share one signature, :func:`blend`:
+
+* ``cv2``: ``cv2.seamlessClone(..., NORMAL_CLONE)``, the authors' choice.
+* ``poisson`` (default): the same equations as OpenCV's NORMAL_CLONE (guidance = source gradients
+  inside the 3-pixel-eroded mask, target gradients outside, Dirichlet boundary on the mask's
+  bounding box) solved with scipy's DST-I. OpenCV 5's solver takes 40 ms for a 256 px region and
+  240 ms for 470 px on one core; this one gives the same image (mean absolute difference well
+  under one grey level, measured in tests and ``benchmarks/bench_build.py``) several times faster.
+* ``paste``: copy the pixels under the mask (used by tests: colours are then exact).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import fft
+
+_ERODE_KERNEL = np.ones((3, 3), np.uint8)
+
+
+def _clone_box(mask: np.ndarray) -> tuple[np.ndarray, tuple] | tuple[None, None]:
+    """OpenCV's preparation: zero the mask's 1-pixel border, then take its bounding rectangle.
+
+    Returns (mask with border cleared, (x, y, w, h)) or (None, None) for an empty mask.
+    """
+    cleared = np.zeros_like(mask)
+    cleared[1:-1, 1:-1] = mask[1:-1, 1:-1]
+    x, y, w, h = cv2.boundingRect(cleared)
+    if w == 0 or h == 0:
+        return None, None
+    return cleared, (x, y, w, h)
+
+
+def _poisson_region(patch: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Solve NORMAL_CLONE on one rectangle. All inputs cover the same (h, w) region;
+    ``patch``/``target`` (h, w, 3) uint8, ``mask`` (h, w) uint8 0/255. Returns (h, w, 3) uint8.
+
+    The guidance field is G = grad(target) + m * grad(patch - target) with m the eroded mask and
+    forward differences (OpenCV's). Writing the result as target + u, u vanishes on the boundary
+    ring and solves the 5-point Laplace equation  lap(u) = div(m * grad(patch - target)).
+    """
+    inner = cv2.erode(mask, _ERODE_KERNEL, iterations=3, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    weight = (inner > 0).astype(np.float32)[..., None]
+    target_f = target.astype(np.float32)
+    delta = patch.astype(np.float32) - target_f
+    flux_x = weight[:, :-1] * (delta[:, 1:] - delta[:, :-1])
+    flux_y = weight[:-1] * (delta[1:] - delta[:-1])
+    rhs = (flux_x[1:-1, 1:] - flux_x[1:-1, :-1]) + (flux_y[1:, 1:-1] - flux_y[:-1, 1:-1])
+    h, w = mask.shape
+    eig_y = 2 * np.cos(np.pi * np.arange(1, h - 1) / (h - 1)) - 2
+    eig_x = 2 * np.cos(np.pi * np.arange(1, w - 1) / (w - 1)) - 2
+    eigen = (eig_y[:, None] + eig_x[None, :]).astype(np.float32)[..., None]
+    spectrum = fft.dstn(rhs, type=1, axes=(0, 1), norm="ortho", workers=1)
+    spectrum /= eigen
+    target_f[1:-1, 1:-1] += fft.idstn(spectrum, type=1, axes=(0, 1), norm="ortho", workers=1)
+    return np.clip(np.rint(target_f), 0, 255).astype(np.uint8)
+
+
+def _fast_span(start: int, length: int, limit: int) -> tuple[int, int]:
+    """Grow [start, start + length) inside [0, limit) so that length - 1 is a fast FFT size
+    (DST-I of n points runs an FFT of 2 (n + 1), n = length - 2). Keeps the span if none fits."""
+    wanted = fft.next_fast_len(length - 1) + 1
+    if wanted > limit:
+        return start, length
+    new_start = min(max(0, start - (wanted - length) // 2), limit - wanted)
+    return new_start, wanted
+
+
+def blend(method: str, patch: np.ndarray, mask: np.ndarray, target: np.ndarray, origin: tuple) -> np.ndarray:
+    """Blend ``patch`` (h, w, 3) uint8 RGB under ``mask`` (h, w) uint8 0/255 into ``target``
+    (H, W, 3) uint8 with the patch's top-left pixel at ``origin`` (x, y). The patch rectangle
+    must lie inside the target. Returns a new target image; only the mask's bounding box changes.
+    """
+    x0, y0 = origin
+    h, w = mask.shape
+    if x0 < 0 or y0 < 0 or x0 + w > target.shape[1] or y0 + h > target.shape[0]:
+        raise ValueError(f"patch at {origin} of size {w}x{h} leaves the {target.shape[1]}x{target.shape[0]} target")
+    out = target.copy()
+    if method == "paste":
+        region = out[y0:y0 + h, x0:x0 + w]
+        region[mask > 0] = patch[mask > 0]
+        return out
+    cleared, box = _clone_box(mask)
+    if box is None:
+        return out
+    bx, by, bw, bh = box
+    if method == "cv2":
+        centre = (x0 + bx + bw // 2, y0 + by + bh // 2)
+        return cv2.seamlessClone(patch, target, cleared, centre, cv2.NORMAL_CLONE)
+    if method == "poisson":
+        if bw < 3 or bh < 3:
+            return out
+        # Solve on the mask's box grown to a fast FFT size; the boundary ring comes from the target.
+        gx, gw = _fast_span(x0 + bx, bw, target.shape[1])
+        gy, gh = _fast_span(y0 + by, bh, target.shape[0])
+        region = (slice(gy, gy + gh), slice(gx, gx + gw))
+        full_patch = target[region].copy()
+        full_mask = np.zeros((gh, gw), np.uint8)
+        inside = (slice(y0 + by - gy, y0 + by - gy + bh), slice(x0 + bx - gx, x0 + bx - gx + bw))
+        full_patch[inside] = patch[by:by + bh, bx:bx + bw]
+        full_mask[inside] = cleared[by:by + bh, bx:bx + bw]
+        out[region] = _poisson_region(full_patch, target[region], full_mask)
+        return out
+    raise ValueError(f"unknown blend method {method!r}; choose poisson, cv2 or paste")

@@ -1,0 +1,191 @@
+"""``datagen`` command line: maps options onto :class:`BuildConfig` and calls the modules."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .config import BLEND_METHODS, OBJECT_MODES, STYLE_METHODS, BuildConfig, WarpConfig, config_hash
+from .sources import SOURCES
+
+SAMPLE_ROOT = Path(__file__).parent / "sample_data" / "coco"
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _source_spec(segments: str, coco_root, coco_split: str):
+    from .run import SourceSpec
+
+    if segments == "coco":
+        if coco_root is None:
+            _say(f"no --coco-root given: using the embedded sample of 60 COCO images ({SAMPLE_ROOT})")
+            coco_root = SAMPLE_ROOT
+        return SourceSpec("coco", {"root": Path(coco_root), "split": coco_split})
+    raise click.BadParameter(f"unknown segment source {segments!r}", param_hint="--segments")
+
+
+def _fail(error: Exception) -> None:
+    raise click.ClickException(str(error)) from error
+
+
+segments_option = click.option("--segments", "segments", type=click.Choice(sorted(SOURCES)), default="coco",
+                               show_default=True, help="Segment source: 'coco' uses COCO instance annotations.")
+coco_root_option = click.option(
+    "--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="COCO root holding annotations/instances_SPLIT.json and SPLIT/*.jpg. "
+         "Default: the embedded 60-image sample.")
+coco_split_option = click.option("--coco-split", default="train2017", show_default=True,
+                                 help="COCO split name (annotation file and image folder).")
+min_area_option = click.option("--min-area", type=click.FloatRange(min=0), default=BuildConfig.min_area,
+                               show_default=True, help="Skip segments with a smaller mask area (pixels).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="segswap")
+def main():
+    """Build segment-swapping training pairs (Shen et al., CVPR 2022) as WebDataset shards.
+
+    Typical use: datagen build --segments coco --coco-root /data/coco --n 500000 --out shards/
+    """
+
+
+@main.command()
+@segments_option
+@coco_root_option
+@coco_split_option
+@click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of pairs to build.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("shards"),
+              show_default=True, help="Output directory for shards, per-sample parquet files and manifest.json.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Root seed: the same options and seed give byte-identical shards.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Parallel worker processes (one shard each). Default: all cores.")
+@click.option("--objects", type=click.Choice(OBJECT_MODES), default="mix", show_default=True,
+              help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half.")
+@click.option("--style", type=click.Choice(STYLE_METHODS), default="none", show_default=True,
+              help="Style transfer of both images ('none' for now; AdaIN comes in a later release).")
+@click.option("--image-size", type=click.IntRange(min=64), default=BuildConfig.image_size, show_default=True,
+              help="Side of the square source and target images, pixels.")
+@click.option("--stride", type=click.IntRange(min=1), default=BuildConfig.stride, show_default=True,
+              help="Correspondence grid stride, pixels (480 / 16 = a 30 x 30 grid).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=BuildConfig.shard_size, show_default=True,
+              help="Samples per shard.")
+@click.option("--blend", type=click.Choice(BLEND_METHODS), default=BuildConfig.blend, show_default=True,
+              help="'poisson': fast DST solver of OpenCV's NORMAL_CLONE equations; 'cv2': cv2.seamlessClone; "
+                   "'paste': plain copy (no blending).")
+@min_area_option
+@click.option("--dilation", type=click.IntRange(min=0), default=BuildConfig.dilation_px, show_default=True,
+              help="Dilate each segment mask by this many pixels (at the source's resolution).")
+@click.option("--border-crop-prob", type=click.FloatRange(0, 1), default=BuildConfig.border_crop_prob,
+              show_default=True, help="Probability of cropping the source so the object touches a border.")
+@click.option("--rotation", type=click.FloatRange(min=0), default=WarpConfig.rotation_deg, show_default=True,
+              help="Rotation angle ~ U[-ROTATION, ROTATION] degrees.")
+@click.option("--aspect-min", type=click.FloatRange(0, 1, min_open=True), default=WarpConfig.aspect_min,
+              show_default=True, help="Each axis is scaled by U[ASPECT_MIN, 1].")
+@click.option("--tps-prob", type=click.FloatRange(0, 1), default=WarpConfig.tps_prob, show_default=True,
+              help="Probability of a thin-plate-spline warp.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=BuildConfig.jpeg_quality, show_default=True,
+              help="JPEG quality of the stored images.")
+@click.option("--overwrite", is_flag=True, help="Replace shards of another config or seed found in --out.")
+@click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"),
+              show_default=True, help="Also copy manifest.json here (named after --out and the fingerprint).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, style, image_size, stride,
+          shard_size, blend, min_area, dilation, border_crop_prob, rotation, aspect_min, tps_prob,
+          jpeg_quality, overwrite, manifests_dir, no_progress):
+    """Build N pairs into --out as WebDataset shards with a manifest.
+
+    Re-running the same command resumes an interrupted build (only unfinished shards are
+    rebuilt); a larger --n extends it.
+    """
+    from .run import BuildError, build as run_build, default_workers
+
+    warp = WarpConfig(rotation_deg=rotation, aspect_min=aspect_min, tps_prob=tps_prob)
+    try:
+        config = BuildConfig(segments=segments, min_area=min_area, image_size=image_size, stride=stride,
+                             objects=objects, dilation_px=dilation, border_crop_prob=border_crop_prob,
+                             blend=blend, style=style, jpeg_quality=jpeg_quality, shard_size=shard_size,
+                             warp=warp).validate()
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    spec = _source_spec(segments, coco_root, coco_split)
+    started = time.perf_counter()
+    try:
+        manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
+                             overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
+                             show_progress=not no_progress)
+    except (BuildError, ValueError, FileNotFoundError, LookupError) as error:
+        _fail(error)
+    elapsed = time.perf_counter() - started
+    rejected = ", ".join(f"{reason} {count}" for reason, count in manifest["rejected"].items()) or "none"
+    click.echo(f"{manifest['n_samples']} pairs in {len(manifest['shards'])} shards at {out_dir} "
+               f"({elapsed:.1f} s, {manifest['n_samples'] / max(elapsed, 1e-9):.1f} pairs/s overall)")
+    click.echo(f"attempts: {manifest['n_attempted']}; rejected: {rejected}")
+    click.echo(f"config {config_hash(config)[:12]}  fingerprint {manifest['fingerprint'][:12]}  "
+               f"manifest {out_dir / 'manifest.json'}")
+
+
+@main.command()
+@click.option("--source", "segments", type=click.Choice(sorted(SOURCES)), default="coco", show_default=True,
+              help="Segment source.")
+@coco_root_option
+@coco_split_option
+@min_area_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for the bank (segments.parquet, images.parquet, skipped.parquet).")
+def segments(segments, coco_root, coco_split, min_area, out_dir):
+    """Scan a segment source into a parquet segment bank and report what was skipped."""
+    from .run import prepare_bank
+
+    spec = _source_spec(segments, coco_root, coco_split)
+    try:
+        record = prepare_bank(spec, BuildConfig(segments=segments, min_area=min_area), out_dir, log=_say)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+    bank = record.get("bank", {})
+    click.echo(f"{out_dir}: {bank.get('segments')} segments, {bank.get('images')} images, "
+               f"{bank.get('skipped')} skipped")
+
+
+@main.command()
+@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--quiet", is_flag=True, help="Print only problems and the summary line.")
+def verify(shard_dir, quiet):
+    """Check a shard set against its manifest: checksums, counts, every sample decoded, the
+    schema, and that masks and correspondences agree with the stored warps. Exit 1 on problems."""
+    from .verify import verify_dir
+
+    report = verify_dir(shard_dir, progress=not quiet)
+    for problem in report.problems:
+        click.echo(f"BAD {problem}")
+    click.echo(f"{report.samples} samples in {report.shards} shards checked: "
+               f"{len(report.problems)} problem(s)")
+    sys.exit(1 if report.problems else 0)
+
+
+@main.command()
+@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.html"),
+              show_default=True, help="Output file: .html (one page) or .png/.jpg (one contact sheet).")
+@click.option("-n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Pairs to show.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of correspondence lines.")
+def preview(shard_dir, out_path, n, seed):
+    """Draw pairs with their masks and correspondence lines, so a person can check the data."""
+    from .preview import write_preview
+
+    shards = sorted(shard_dir.glob("shard-*.tar"))
+    if not shards:
+        _fail(FileNotFoundError(f"no shard-*.tar in {shard_dir}"))
+    try:
+        count = write_preview(shards, out_path, n=n, seed=seed)
+    except ValueError as error:
+        _fail(error)
+    click.echo(f"{count} pairs drawn to {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Typed configuration of a build, with the paper's defaults.
+
+Everything that changes the bytes of a shard lives in :class:`BuildConfig`; its
+:func:`config_hash` goes into every manifest so two shard sets can be compared.
+Paths to inputs are not part of the hash (moving COCO must not change it); they are
+recorded beside it in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+OBJECT_MODES = ("1", "2", "mix")
+BLEND_METHODS = ("poisson", "cv2", "paste")
+STYLE_METHODS = ("none",)
+
+
+@dataclass(frozen=True)
+class WarpConfig:
+    """Random warp of a segment (paper section 3.1, the authors' released generator)."""
+
+    aspect_min: float = 0.7
+    """Each axis is scaled by U[aspect_min, aspect_max] before rotation."""
+    aspect_max: float = 1.0
+    rotation_deg: float = 15.0
+    """Rotation angle ~ U[-rotation_deg, rotation_deg] degrees."""
+    scale_min: float = 0.2
+    """The object's box takes a ratio of its region from linspace(scale_min, scale_max, scale_steps)."""
+    scale_max: float = 1.0
+    scale_steps: int = 10
+    scale_decay: float = 10.0
+    """Weights of those ratios are proportional to exp(-k / scale_decay), k = 0..steps-1."""
+    two_object_scale_min: float = 0.5
+    """scale_min for two-object pairs (the released two-object generator uses 0.5)."""
+    tps_prob: float = 0.5
+    tps_grid_sizes: tuple = (4, 6)
+    tps_jitter: float = 0.5
+    """Control points of a g x g grid move by U[-tps_jitter/g, tps_jitter/g] of the image."""
+
+    def scale_ratios(self, two_objects: bool = False) -> tuple[list[float], list[float]]:
+        """(ratios, probabilities) of the object's size relative to its region."""
+        import numpy as np
+
+        low = self.two_object_scale_min if two_objects else self.scale_min
+        ratios = np.linspace(low, self.scale_max, self.scale_steps)
+        weights = np.exp(-np.arange(self.scale_steps) / self.scale_decay)
+        return ratios.tolist(), (weights / weights.sum()).tolist()
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How pairs are built and written. Defaults follow the paper and its released code."""
+
+    segments: str = "coco"
+    """Segment source name (see datagen.sources)."""
+    min_area: float = 1024.0
+    """Segments with a smaller mask area (pixels at the image's own resolution) are skipped."""
+    image_size: int = 480
+    """Side of the square source and target images, in pixels."""
+    stride: int = 16
+    """Correspondence grid stride in pixels: 480 / 16 = a 30 x 30 grid."""
+    objects: str = "1"
+    """'1' one-object pairs, '2' two-object pairs, 'mix' half and half."""
+    dilation_px: int = 20
+    """The segment mask is dilated by this many pixels at the source's own resolution."""
+    border_crop_prob: float = 0.2
+    """Probability that the source is cropped so that the object touches its nearest border."""
+    blend: str = "poisson"
+    """'poisson' (our DST solver, same equations as cv2 NORMAL_CLONE), 'cv2' (cv2.seamlessClone), 'paste'."""
+    style: str = "none"
+    min_mask_cells: float = 9.0
+    """Pairs whose soft grid mask sums to less than this in either image are rejected."""
+    max_tps_inverse_error: float = 0.01
+    """Max error of the numerical TPS inverse, in grid cells, before the pair is rejected."""
+    jpeg_quality: int = 90
+    shard_size: int = 1000
+    """Accepted samples per shard (the last shard may hold fewer)."""
+    max_attempts: int = 100
+    """Attempts per accepted sample before the shard gives up with an error."""
+    min_image_side: int = 32
+    """Images whose shorter side is smaller than this are rejected as too small."""
+    max_image_pixels: int = 100_000_000
+    """Images with more pixels than this are rejected as too large."""
+    warp: WarpConfig = field(default_factory=WarpConfig)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.stride
+
+    def validate(self) -> "BuildConfig":
+        """Raise ValueError naming the option when a value is out of range."""
+        checks = [
+            (self.objects in OBJECT_MODES, f"objects must be one of {OBJECT_MODES}, got {self.objects!r}"),
+            (self.blend in BLEND_METHODS, f"blend must be one of {BLEND_METHODS}, got {self.blend!r}"),
+            (self.style in STYLE_METHODS, f"style must be one of {STYLE_METHODS}, got {self.style!r}"),
+            (self.image_size >= 64, f"image_size must be at least 64, got {self.image_size}"),
+            (self.stride >= 1 and self.image_size % self.stride == 0,
+             f"image_size ({self.image_size}) must be a multiple of stride ({self.stride})"),
+            (self.grid_size >= 4, f"image_size / stride must be at least 4, got {self.grid_size}"),
+            (self.dilation_px >= 0, f"dilation_px must be >= 0, got {self.dilation_px}"),
+            (0 <= self.border_crop_prob <= 1, f"border_crop_prob must be in [0, 1], got {self.border_crop_prob}"),
+            (1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}"),
+            (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
+            (self.min_area >= 0, f"min_area must be >= 0, got {self.min_area}"),
+            (0 < self.warp.aspect_min <= self.warp.aspect_max, "warp.aspect_min must be in (0, aspect_max]"),
+            (0 < self.warp.scale_min <= self.warp.scale_max <= 1, "warp scale ratios must be in (0, 1]"),
+            (all(g >= 2 for g in self.warp.tps_grid_sizes), "warp.tps_grid_sizes must all be >= 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BuildConfig":
+        data = dict(data)
+        warp = dict(data.pop("warp", {}) or {})
+        if "tps_grid_sizes" in warp:
+            warp["tps_grid_sizes"] = tuple(warp["tps_grid_sizes"])
+        return cls(warp=WarpConfig(**warp), **data)
+
+
+def canonical_json(data) -> str:
+    """JSON with sorted keys and no whitespace: the form that is hashed."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(config: BuildConfig) -> str:
+    """sha256 of the config's canonical JSON."""
+    return hashlib.sha256(canonical_json(config.to_dict()).encode()).hexdigest()

@@ -1,0 +1,98 @@
+"""Robust image loading: every way an input image can be bad ends in one :class:`BadInput`.
+
+Images are read as bytes and decoded with ``cv2.imdecode``. EXIF orientation is ignored:
+COCO's ``width``/``height`` and polygons refer to the pixels as stored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+PNG_START = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"
+_TRAILING_PADDING = b"\x00 \t\r\n"
+
+
+class BadInput(Exception):
+    """An input image that cannot be used; ``str()`` is ``"{path}: {reason}"``."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def check_jpeg_complete(data: bytes) -> bool:
+    """True if JPEG ``data`` ends with the EOI marker (FF D9), ignoring trailing zero/whitespace bytes."""
+    return data.rstrip(_TRAILING_PADDING).endswith(JPEG_END)
+
+
+def load_rgb(path, *, min_side: int = 32, max_pixels: int = 100_000_000,
+             expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Load an image as (H, W, 3) uint8 RGB, or raise :class:`BadInput` saying why not.
+
+    Grayscale becomes RGB, alpha is dropped, 16-bit is rounded to 8-bit, CMYK JPEG is
+    converted by OpenCV. ``expected_size`` is (width, height), e.g. from the annotation.
+    """
+    data = _read_bytes(path)
+    _check_complete(path, data)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8),
+                           cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if decoded is None:
+        raise BadInput(path, "cannot decode image (corrupt or unsupported format)")
+    image = _to_rgb8(path, decoded)
+    _check_size(path, image, min_side, max_pixels, expected_size)
+    return image
+
+
+def _read_bytes(path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadInput(path, "file not found") from None
+    except IsADirectoryError:
+        raise BadInput(path, "is a directory, not an image file") from None
+    except OSError as error:
+        raise BadInput(path, f"cannot read file: {error.strerror or error}") from None
+    if not data:
+        raise BadInput(path, "empty file")
+    return data
+
+
+def _check_complete(path, data: bytes) -> None:
+    """Reject truncated JPEG and PNG files, which decoders may silently fill with grey."""
+    if data.startswith(JPEG_START) and not check_jpeg_complete(data):
+        raise BadInput(path, "truncated JPEG (no end-of-image marker)")
+    if data.startswith(PNG_START) and not data.rstrip(_TRAILING_PADDING).endswith(PNG_END):
+        raise BadInput(path, "truncated PNG (no IEND chunk)")
+
+
+def _to_rgb8(path, image: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) uint8/uint16 as decoded by OpenCV (BGR order) -> (H, W, 3) uint8 RGB."""
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise BadInput(path, f"unsupported pixel type {image.dtype}")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels in (1, 2):
+        gray = image if image.ndim == 2 else image[:, :, 0]
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    if channels in (3, 4):
+        return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
+    raise BadInput(path, f"unsupported number of channels: {channels}")
+
+
+def _check_size(path, image: np.ndarray, min_side: int, max_pixels: int,
+                expected_size: tuple[int, int] | None) -> None:
+    height, width = image.shape[:2]
+    if min(height, width) < min_side:
+        raise BadInput(path, f"image is {width}x{height}, too small (shorter side < {min_side})")
+    if height * width > max_pixels:
+        raise BadInput(path, f"image is {width}x{height}, too large (> {max_pixels} pixels)")
+    if expected_size is not None and (width, height) != tuple(expected_size):
+        expected_width, expected_height = expected_size
+        raise BadInput(path, f"image is {width}x{height}, annotation says {expected_width}x{expected_height}")

@@ -1,0 +1,257 @@
+"""Running a build: the segment bank, shard tasks over joblib workers, resume, the manifest.
+
+A build of ``n`` samples is cut into shards of ``config.shard_size`` samples. Shard ``k`` is a
+pure function of (config, bank, root seed, k): attempt ``a`` of shard ``k`` draws from
+``SeedSequence(root_seed, spawn_key=(k, a))``. A shard is done when its stats marker is on disk
+and agrees with the build, so re-running the same command after a crash rebuilds only the
+missing shards, and a larger ``n`` adds shards (and refills a last, partial shard).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from .config import BuildConfig, config_hash
+from .manifest import (
+    build_manifest,
+    make_stats,
+    read_stats,
+    samples_name,
+    stats_name,
+    write_manifest,
+    write_sample_rows,
+    write_stats,
+)
+from .pairs import PairBuilder, Rejected
+from .sampling import Sampler, attempt_rng, objects_for_attempt
+from .schema import encode_sample
+from .segments import SegmentBank, write_bank
+from .shards import ShardWriter, parse_shard_index, sample_key, shard_name
+from .sources import get_source
+
+BANK_DIR = "bank"
+BANK_INPUTS = "inputs.json"
+
+
+class BuildError(RuntimeError):
+    """A build cannot go on (a whole shard failing, an output directory of another build)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where segments come from: a source name and its options (paths are not hashed)."""
+
+    name: str
+    options: dict
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "options": {k: str(v) for k, v in sorted(self.options.items())}}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=print) -> dict:
+    """Scan the source into ``bank_dir`` unless a bank of the same inputs is already there.
+
+    Returns the inputs record (source, options, annotation checksum, image root, counts).
+    """
+    source = get_source(spec.name, min_area=config.min_area, **spec.options)
+    record = {
+        "source": spec.to_json(),
+        "min_area": config.min_area,
+        "annotations_sha256": sha256_of(source.annotations_path),
+        "image_root": str(Path(source.images_dir).resolve()),
+    }
+    inputs_path = bank_dir / BANK_INPUTS
+    if inputs_path.is_file():
+        previous = json.loads(inputs_path.read_text())
+        if {k: previous.get(k) for k in record} == record:
+            return previous
+    log(f"scanning {spec.name} segments from {source.annotations_path} ...")
+    summary = write_bank(source.scan(), bank_dir)
+    record["bank"] = {"segments": summary.segments, "images": summary.images, "skipped": summary.skipped}
+    inputs_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    log(f"segment bank: {summary.segments} segments, {summary.images} images, {summary.skipped} skipped "
+        f"(see {bank_dir / 'skipped.parquet'})")
+    return record
+
+
+def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(shard index, samples)] for ``n`` samples: full shards, then a partial last one."""
+    return [(k, min(shard_size, n - k * shard_size)) for k in range((n + shard_size - 1) // shard_size)]
+
+
+_WORKER_CACHE: dict = {}
+
+
+def _worker_state(bank_dir: str, image_root: str, config: BuildConfig):
+    """Bank, sampler and builder of this process, loaded once and reused by its shards."""
+    key = (bank_dir, image_root, config)
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE.clear()
+        bank = SegmentBank.load(bank_dir)
+        _WORKER_CACHE[key] = (Sampler(bank, config), PairBuilder(bank, Path(image_root), config))
+    return _WORKER_CACHE[key]
+
+
+def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, image_root: str,
+                root_seed: int, out_dir: str, progress=None) -> dict:
+    """Build shard ``shard`` with ``count`` samples into ``out_dir``; returns its stats.
+
+    Writes the tar, then the per-attempt parquet, then the stats marker (last). A rejected or
+    failing attempt is recorded and the shard goes on; ``config.max_attempts`` failures in a
+    row stop it with :class:`BuildError` (something is wrong with every input, not one).
+    """
+    cv2.setNumThreads(1)
+    sampler, builder = _worker_state(bank_dir, image_root, config)
+    chash = config_hash(config)
+    out = Path(out_dir)
+    rows, rejected = [], Counter()
+    accepted = attempt = failures = 0
+    with ShardWriter(out / shard_name(shard)) as writer:
+        while accepted < count:
+            rng = attempt_rng(root_seed, shard, attempt)
+            objects = objects_for_attempt(rng, config.objects)
+            key = sample_key(shard, accepted)
+            row = {"shard": shard, "attempt": attempt, "objects": objects, "bytes": 0,
+                   "seed": f"root={root_seed} shard={shard} attempt={attempt}"}
+            try:
+                plan = sampler.plan(rng, objects)
+                row.update(source_image_id=plan.source_image, background_image_id=plan.background_image,
+                           segment_ids=[int(sampler.bank.segment_ids[o.segment_row]) for o in plan.objects],
+                           category_ids=[int(sampler.bank.category_ids[o.segment_row]) for o in plan.objects])
+                sample = builder.build(plan, key)
+                sample.meta.update(config_hash=chash, seed={"root": root_seed, "shard": shard, "attempt": attempt})
+                row.update(key=key, status="accepted", bytes=writer.write(encode_sample(sample, config.jpeg_quality)))
+                accepted += 1
+                failures = 0
+                if progress is not None:
+                    progress(1)
+            except Exception as error:  # noqa: BLE001 - one bad input never kills a shard
+                reason = error.reason if isinstance(error, Rejected) else f"error:{type(error).__name__}"
+                detail = error.detail if isinstance(error, Rejected) else str(error)
+                row.update(status="rejected", reason=f"{reason}: {detail}" if detail else reason)
+                rejected[reason] += 1
+                failures += 1
+                if failures >= config.max_attempts:
+                    raise BuildError(f"shard {shard_name(shard)}: {failures} attempts in a row failed; "
+                                     f"most common: {rejected.most_common(3)}; last: {row['reason']}") from error
+            rows.append(row)
+            attempt += 1
+    write_sample_rows(rows, out / samples_name(shard))
+    stats = make_stats(shard_index=shard, samples=accepted, attempted=attempt, rejected=dict(rejected),
+                       bytes=writer.bytes, sha256=writer.sha256, config_hash=chash, root_seed=root_seed)
+    write_stats(out / stats_name(shard), stats)
+    return stats
+
+
+def shard_is_done(out: Path, shard: int, count: int, chash: str, root_seed: int) -> dict | None:
+    """The shard's stats if it is complete for this build (marker present, same config, seed and
+    count, tar of the recorded size), else None."""
+    stats = read_stats(out / stats_name(shard))
+    tar = out / shard_name(shard)
+    if stats is None or not tar.is_file():
+        return None
+    same = (stats["config_hash"] == chash and stats.get("root_seed") == root_seed
+            and stats["samples"] == count and tar.stat().st_size == stats["bytes"])
+    return stats if same else None
+
+
+def check_out_dir(out: Path, chash: str, root_seed: int, overwrite: bool) -> None:
+    """Refuse to mix shards of another config or seed into ``out`` unless ``overwrite``."""
+    for path in sorted(out.glob("shard-*.stats.json")):
+        stats = read_stats(path)
+        if stats is None or overwrite:
+            continue
+        if stats["config_hash"] != chash or stats.get("root_seed") != root_seed:
+            raise BuildError(
+                f"{out} holds shards of another build ({path.name}: config {stats['config_hash'][:12]}, "
+                f"seed {stats.get('root_seed')}; this build: config {chash[:12]}, seed {root_seed}). "
+                "Use another --out, or --overwrite to replace them.")
+
+
+def _run_parallel(tasks, workers: int, bar) -> list[dict]:
+    """Run shard tasks on ``workers`` processes; per-sample progress flows back through a queue."""
+    import multiprocessing
+
+    manager = multiprocessing.Manager()
+    updates = manager.Queue()
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set() or not updates.empty():
+            try:
+                bar.update(updates.get(timeout=0.2))
+            except queue.Empty:
+                continue
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        jobs = (delayed(build_shard)(*task, progress=updates.put) for task in tasks)
+        return list(Parallel(n_jobs=workers, return_as="generator_unordered")(jobs))
+    finally:
+        stop.set()
+        reader.join()
+        manager.shutdown()
+
+
+def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0, workers: int = 1,
+          overwrite: bool = False, manifests_dir=None, log=None, show_progress: bool = True) -> dict:
+    """Build (or resume, or extend) ``n`` samples into ``out_dir``; returns the manifest."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    config.validate()
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chash = config_hash(config)
+    check_out_dir(out, chash, seed, overwrite)
+    inputs = prepare_bank(spec, config, out / BANK_DIR, log)
+    bank_dir, image_root = str(out / BANK_DIR), inputs["image_root"]
+
+    shards = plan_shards(n, config.shard_size)
+    done = {k: s for k, c in shards if (s := shard_is_done(out, k, c, chash, seed)) is not None}
+    todo = [(k, c, config, bank_dir, image_root, seed, str(out)) for k, c in shards if k not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(shards)} shards already complete")
+    extra = sorted(p.name for p in out.glob("shard-*.tar") if parse_shard_index(p.name) >= len(shards))
+    if extra:
+        log(f"warning: {len(extra)} shards beyond this build's {len(shards)} are left out of the manifest: "
+            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+
+    total = sum(c for k, c, *_ in todo)
+    workers = max(1, min(workers, len(todo)))
+    with tqdm(total=total, unit="pair", desc="pairs", disable=not show_progress or total == 0,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        if workers == 1:
+            built = [build_shard(*task, progress=bar.update) for task in todo]
+        else:
+            built = _run_parallel(todo, workers, bar)
+    all_stats = list(done.values()) + built
+    inputs_record = {"segments": spec.to_json(), **{k: v for k, v in inputs.items() if k != "source"}}
+    manifest = build_manifest(config=config, root_seed=seed, inputs=inputs_record, shard_stats=all_stats,
+                              n_requested=n)
+    write_manifest(manifest, out, manifests_dir)
+    return manifest
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,269 @@
+"""Writing and reading WebDataset tar shards.
+
+A shard is a plain (uncompressed, USTAR) tar written by ``webdataset.TarWriter`` with fixed
+owner, mode and mtime, so the same samples always give the same bytes. It is written to
+``<path>.tmp`` and renamed to ``<path>`` only once complete: a file named ``shard-*.tar``
+is never half written. Reading uses the stdlib ``tarfile`` module only (no decoding, no
+unpickling): members are grouped by key into ``{"__key__": key, field: bytes}`` dicts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import webdataset
+
+SHARD_DIGITS = 6
+MAX_INDEX = 10 ** SHARD_DIGITS - 1
+TAR_USER = "datagen"
+TAR_GROUP = "datagen"
+TAR_MODE = 0o444
+TAR_MTIME = 0
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+_SHARD_NAME = re.compile(r"^shard-(\d{%d,})\." % SHARD_DIGITS)
+
+
+class ShardError(Exception):
+    """A shard cannot be read: the message names the shard and, if known, the last good key."""
+
+    def __init__(self, path, message: str, last_key: str | None = None):
+        self.path = str(path)
+        self.message = message
+        self.last_key = last_key
+        where = f" (last good sample {last_key})" if last_key else " (no good sample before it)"
+        super().__init__(f"shard {self.path}: {message}{where}")
+
+
+def _check_index(value: int, what: str) -> int:
+    if not isinstance(value, (int,)) or isinstance(value, bool) or not 0 <= value <= MAX_INDEX:
+        raise ValueError(f"{what} must be an int in [0, {MAX_INDEX}], got {value!r}")
+    return int(value)
+
+
+def shard_name(index: int) -> str:
+    """Shard file name: ``shard_name(12) == "shard-000012.tar"``."""
+    return f"shard-{_check_index(index, 'shard index'):0{SHARD_DIGITS}d}.tar"
+
+
+def sample_key(shard_index: int, sample_index: int) -> str:
+    """Sample key (no dots): ``sample_key(12, 345) == "000012_000345"``."""
+    shard = _check_index(shard_index, "shard index")
+    sample = _check_index(sample_index, "sample index")
+    return f"{shard:0{SHARD_DIGITS}d}_{sample:0{SHARD_DIGITS}d}"
+
+
+def parse_shard_index(name) -> int:
+    """Shard index from a shard file name or path (``.tar``, ``.stats.json``, ``.samples.parquet``...)."""
+    match = _SHARD_NAME.match(Path(str(name)).name)
+    if not match:
+        raise ValueError(f"not a shard file name: {str(name)!r} (expected shard-NNNNNN.*)")
+    return int(match.group(1))
+
+
+def sha256_file(path, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashingFile:
+    """Write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best effort: make a rename durable (not possible on every platform)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Write one tar shard atomically and reproducibly.
+
+    Usage::
+
+        with ShardWriter(out_dir / shard_name(3)) as writer:
+            writer.write(encode_sample(sample, quality))
+        writer.sha256, writer.bytes, writer.count
+
+    Samples go to ``<path>.tmp``; a clean exit flushes, fsyncs and renames it to ``path``
+    (replacing an older file). An exception inside the ``with`` removes the tmp file and
+    leaves ``path`` untouched. ``sha256`` and ``bytes`` (size of the tar file) are set after
+    a clean exit; ``count`` (samples written) is live.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tmp_path = Path(str(self.path) + ".tmp")
+        self.sha256: str | None = None
+        self.bytes: int | None = None
+        self.count = 0
+        self.member_bytes = 0
+        self._keys: set[str] = set()
+        self._handle = None
+        self._hashing = None
+        self._tar = None
+        self._used = False
+
+    def __enter__(self) -> "ShardWriter":
+        if self._used:
+            raise RuntimeError(f"shard {self.path}: a ShardWriter writes one shard, once")
+        self._used = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.tmp_path, "wb")
+        self._hashing = _HashingFile(self._handle)
+        self._tar = webdataset.TarWriter(self._hashing, encoder=False, mtime=TAR_MTIME,
+                                         user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE)
+        return self
+
+    def write(self, members: dict) -> int:
+        """Add one sample ``{"__key__": key, field: bytes}``; returns the bytes of its members."""
+        if self._tar is None:
+            raise RuntimeError(f"shard {self.path}: write() outside the 'with' block")
+        key = members.get("__key__")
+        if not isinstance(key, str) or not key or "." in key or "/" in key:
+            raise ValueError(f"shard {self.path}: bad sample key {key!r} (non-empty, no dots or slashes)")
+        if key in self._keys:
+            raise ValueError(f"shard {self.path}: sample {key} written twice")
+        for field, value in members.items():
+            if field == "__key__":
+                continue
+            if not field or field.startswith("_"):
+                raise ValueError(f"shard {self.path}: sample {key}: bad field name {field!r}")
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise ValueError(f"shard {self.path}: sample {key}: field {field} is "
+                                 f"{type(value).__name__}, expected bytes")
+        size = self._tar.write(members)
+        self._keys.add(key)
+        self.count += 1
+        self.member_bytes += size
+        return size
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self._commit()
+        else:
+            self._abort()
+        return False
+
+    def _commit(self) -> None:
+        try:
+            self._tar.close()
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self._abort()
+            raise
+        _fsync_dir(self.path.parent)
+        self.sha256 = self._hashing.digest.hexdigest()
+        self.bytes = self._hashing.bytes
+        self._tar = self._handle = None
+
+    def _abort(self) -> None:
+        for close in (getattr(self._tar, "close", None), getattr(self._handle, "close", None)):
+            try:
+                if close is not None:
+                    close()
+            except Exception:  # noqa: BLE001 - the original error matters, not this one
+                pass
+        self._tar = self._handle = None
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    key, dot, field = name.partition(".")
+    return key, field if dot else ""
+
+
+def iter_tar_samples(path) -> Iterator[dict]:
+    """Yield ``{"__key__": key, field: bytes}`` per sample of a tar shard, in file order.
+
+    Consecutive members with the same key (name up to the first dot) form one sample.
+    Raises :class:`ShardError` naming the shard and the last good sample key when the tar
+    is truncated or corrupt (including a missing end-of-archive marker), a member is not a
+    regular file, a member name has no field, or a key or field appears twice.
+    """
+    path = Path(path)
+    last_key = None
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise ShardError(path, f"cannot open: {error.strerror or error}") from error
+    with handle:
+        try:
+            tar = tarfile.open(fileobj=handle, mode="r:")
+        except tarfile.TarError as error:
+            raise ShardError(path, f"not a readable tar: {error}") from error
+        current: dict | None = None
+        seen: set[str] = set()
+        try:
+            for member in tar:
+                if not member.isreg():
+                    raise ShardError(path, f"member {member.name!r} is not a regular file", last_key)
+                key, field = _split_name(member.name)
+                if not key or not field:
+                    raise ShardError(path, f"member {member.name!r} has no key.field name", last_key)
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                        last_key = current["__key__"]
+                    if key in seen:
+                        raise ShardError(path, f"sample {key} appears twice", last_key)
+                    seen.add(key)
+                    current = {"__key__": key}
+                if field in current:
+                    raise ShardError(path, f"sample {key}: field {field} appears twice", last_key)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise ShardError(path, f"truncated in member {member.name!r}", last_key)
+                current[field] = data
+            end = tar.offset
+        except tarfile.TarError as error:
+            raise ShardError(path, f"truncated or corrupt tar: {error}", last_key) from error
+        except OSError as error:
+            raise ShardError(path, f"read error: {error}", last_key) from error
+        # tarfile silently stops at a truncated or garbled header: a complete archive ends with
+        # two zero blocks, so check for them.
+        handle.seek(end)
+        trailer = handle.read(_END_OF_ARCHIVE)
+        if len(trailer) != _END_OF_ARCHIVE or trailer.count(0) != _END_OF_ARCHIVE:
+            reading = f" while reading sample {current['__key__']}" if current is not None else ""
+            raise ShardError(path, f"truncated or corrupt tar: no end-of-archive marker at byte {end}"
+                             f"{reading}", last_key)
+        if current is not None:
+            yield current

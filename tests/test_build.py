@@ -1,0 +1,265 @@
+"""End-to-end tests of ``datagen build``: reproducibility, resume, manifest, verify, reader contract."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import (REFERENCE_N, REFERENCE_SHARD_SIZE, REFERENCE_SHARDS, all_output, build_args,
+                      output_files, run_cli, shard_files)
+from datagen.config import BuildConfig, config_hash
+from datagen.manifest import fingerprint, read_sample_rows, read_stats, samples_name, stats_name
+from datagen.schema import SCHEMA_VERSION, decode_npy, encode_npy
+from datagen.shards import ShardWriter, iter_tar_samples, sample_key, shard_name
+from trainer.data import iter_samples
+
+
+def file_ids(directory: Path, pattern: str) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of each file: changes when a file is rewritten (atomic rename or not)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(directory.glob(pattern))}
+
+
+def assert_same_outputs(got: Path, want: Path) -> None:
+    got_files, want_files = output_files(got), output_files(want)
+    assert sorted(got_files) == sorted(want_files)
+    different = [name for name in want_files if got_files[name] != want_files[name]]
+    assert not different, f"{got} differs from {want} in {different}"
+
+
+def assert_no_tmp(directory: Path) -> None:
+    leftovers = sorted(str(p.relative_to(directory)) for p in directory.rglob("*.tmp"))
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+# -- reproducibility ---------------------------------------------------------------------------
+
+def test_same_seed_gives_identical_bytes_in_another_dir_even_with_two_workers(reference, tmp_path):
+    out = tmp_path / "again"
+    run_cli(build_args(out, workers=2))
+    assert shard_files(out) == [shard_name(k) for k in range(REFERENCE_SHARDS)]
+    assert_same_outputs(out, reference)  # tars, per-sample parquet, stats and manifest.json
+    assert_no_tmp(out)
+
+
+def test_another_seed_gives_other_shards(reference, reference_seed1):
+    assert shard_files(reference_seed1) == shard_files(reference)
+    for name in shard_files(reference):
+        assert (reference / name).read_bytes() != (reference_seed1 / name).read_bytes(), name
+    manifest = json.loads((reference_seed1 / "manifest.json").read_text())
+    assert manifest["root_seed"] == 1 and manifest["n_samples"] == REFERENCE_N
+    assert manifest["fingerprint"] != json.loads((reference / "manifest.json").read_text())["fingerprint"]
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+def test_resume_after_kill_9_equals_uninterrupted_build(reference, tmp_path):
+    out = tmp_path / "killed"
+    args = build_args(out)
+    process = subprocess.Popen([sys.executable, "-m", "datagen.cli", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(out.glob("shard-*.stats.json")):
+            assert process.poll() is None, f"build ended before any shard: {process.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no shard finished within 120 s"
+            time.sleep(0.005)
+        process.kill()  # SIGKILL: no cleanup of any kind
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -9
+    done = shard_files(out, "shard-*.stats.json")
+    assert 1 <= len(done) < REFERENCE_SHARDS, f"the build was not interrupted mid-way: {done}"
+    assert not (out / "manifest.json").exists()
+
+    result = run_cli(args)
+    assert f"resuming: {len(done)} of {REFERENCE_SHARDS} shards already complete" in all_output(result)
+    assert_same_outputs(out, reference)
+    assert_no_tmp(out)
+
+
+@pytest.mark.parametrize("damage", ["delete_stats_marker", "truncate_tar"])
+def test_resume_rebuilds_only_unfinished_shards(reference, reference_copy, damage):
+    out, broken = reference_copy, 2
+    if damage == "delete_stats_marker":
+        (out / stats_name(broken)).unlink()
+    else:  # a tar that does not match its marker (e.g. a disk that lost the tail)
+        tar = out / shard_name(broken)
+        tar.write_bytes(tar.read_bytes()[:-4096])
+    before = file_ids(out, "shard-*")
+    result = run_cli(build_args(out))
+    assert f"resuming: {REFERENCE_SHARDS - 1} of {REFERENCE_SHARDS} shards already complete" in all_output(result)
+    after = file_ids(out, "shard-*")
+    for k in range(REFERENCE_SHARDS):
+        for name in (shard_name(k), samples_name(k), stats_name(k)):
+            if k == broken:
+                assert after[name] != before.get(name), f"{name} was not rebuilt"
+            else:
+                assert after[name] == before[name], f"{name} of a finished shard was rewritten"
+    assert_same_outputs(out, reference)
+    assert_no_tmp(out)
+
+
+def test_larger_n_extends_to_the_same_result_as_a_direct_build(tmp_path):
+    direct, extended = tmp_path / "direct", tmp_path / "extended"
+    run_cli(build_args(direct, n=35, shard_size=10))
+
+    run_cli(build_args(extended, n=15, shard_size=10))  # shard 1 is partial (5 of 10)
+    run_cli(build_args(extended, n=20, shard_size=10))  # refills shard 1
+    assert (extended / shard_name(1)).read_bytes() == (direct / shard_name(1)).read_bytes()
+    kept = file_ids(extended, "shard-00000[01].*")
+    result = run_cli(build_args(extended, n=35, shard_size=10))  # adds shards 2 and 3 (5 samples)
+    assert "resuming: 2 of 4 shards already complete" in all_output(result)
+    assert file_ids(extended, "shard-00000[01].*") == kept
+    assert [s["samples"] for s in json.loads((extended / "manifest.json").read_text())["shards"]] == [10, 10, 10, 5]
+    assert_same_outputs(extended, direct)
+    assert_no_tmp(extended)
+
+
+def test_refuses_to_mix_builds_unless_overwrite(reference_copy, reference_seed1):
+    out = reference_copy
+    before = output_files(out)
+    for extra in (["--seed", "1"], ["--shard-size", "4"], ["--blend", "paste"]):
+        args = build_args(out) + extra  # later options win in click
+        result = run_cli(args, expect=1)
+        message = all_output(result)
+        assert "--overwrite" in message and "another build" in message, message
+        assert output_files(out) == before, f"a refused build ({extra}) changed files"
+
+    run_cli(build_args(out, seed=1) + ["--overwrite"])
+    assert json.loads((out / "manifest.json").read_text())["root_seed"] == 1
+    assert_same_outputs(out, reference_seed1)
+    run_cli(build_args(out, seed=1))  # now a finished seed-1 build: the same command is fine
+
+
+# -- manifest and per-sample rows -----------------------------------------------------------------
+
+def test_manifest_describes_the_files(reference):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    config = BuildConfig.from_dict(manifest["config"])
+    assert config.shard_size == REFERENCE_SHARD_SIZE
+    assert manifest["config_hash"] == config_hash(config)
+    assert manifest["root_seed"] == 0
+    assert manifest["n_requested"] == manifest["n_samples"] == REFERENCE_N
+    for package in ("python", "numpy", "opencv", "pyarrow", "webdataset", "datagen"):
+        assert manifest["versions"].get(package), f"no version of {package}"
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(k) for k in range(REFERENCE_SHARDS)]
+    for entry in manifest["shards"]:
+        path = reference / entry["name"]
+        assert entry["bytes"] == path.stat().st_size
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["samples"] == sum(1 for _ in iter_tar_samples(path)) == REFERENCE_SHARD_SIZE
+    assert manifest["fingerprint"] == fingerprint(manifest["config_hash"], manifest["shards"])
+
+    copies = list((reference.parent / "out-manifests").iterdir())
+    assert [p.name for p in copies] == [f"out-{manifest['fingerprint'][:12]}.json"]
+    assert copies[0].read_bytes() == (reference / "manifest.json").read_bytes()
+
+
+def test_sample_parquet_has_one_row_per_attempt(reference):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    accepted_total, attempted_total, rejected_total = 0, 0, Counter()
+    for k, entry in enumerate(manifest["shards"]):
+        stats = read_stats(reference / stats_name(k))
+        rows = read_sample_rows(reference / entry["samples_file"])
+        assert pq.read_table(reference / entry["samples_file"]).num_rows == len(rows) == stats["attempted"]
+        assert [row["attempt"] for row in rows] == list(range(len(rows)))
+        accepted = [row for row in rows if row["status"] == "accepted"]
+        rejected = [row for row in rows if row["status"] == "rejected"]
+        assert len(accepted) + len(rejected) == len(rows)
+        assert len(accepted) == stats["samples"] == entry["samples"]
+        tar_keys = [members["__key__"] for members in iter_tar_samples(reference / entry["name"])]
+        assert [row["key"] for row in accepted] == tar_keys == [sample_key(k, i) for i in range(len(accepted))]
+        for row in accepted:
+            assert row["reason"] is None and row["bytes"] > 0
+            assert row["source_image_id"] is not None and row["background_image_id"] is not None
+            assert len(row["segment_ids"]) == len(row["category_ids"]) == row["objects"]
+        for row in rejected:
+            assert row["key"] is None and row["reason"], row
+        assert Counter(row["reason"].split(":")[0] for row in rejected) == Counter(stats["rejected"])
+        accepted_total += len(accepted)
+        attempted_total += len(rows)
+        rejected_total.update(stats["rejected"])
+    assert accepted_total == REFERENCE_N
+    assert attempted_total == manifest["n_attempted"]
+    assert dict(rejected_total) == manifest["rejected"]
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+def test_verify_passes_on_a_fresh_build(reference):
+    result = run_cli(["verify", reference, "--quiet"])
+    assert f"{REFERENCE_N} samples in {REFERENCE_SHARDS} shards checked: 0 problem(s)" in result.output
+    assert "BAD" not in result.output
+
+
+def test_verify_catches_a_flipped_byte(reference_copy):
+    tar = reference_copy / shard_name(1)
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD")]
+    assert bad and all(shard_name(1) in line for line in bad), result.output
+    assert any("sha256" in line for line in bad)
+
+
+def test_verify_catches_altered_correspondences_with_matching_checksums(reference_copy):
+    out, shard, index = reference_copy, 1, 2
+    key = sample_key(shard, index)
+    tar = out / shard_name(shard)
+    samples = list(iter_tar_samples(tar))
+    flow = decode_npy(samples[index]["src2tgt.npy"]).astype(np.float32)
+    samples[index]["src2tgt.npy"] = encode_npy(np.clip(flow + 0.05, 0, 1).astype(np.float16))
+    with ShardWriter(tar) as writer:
+        for members in samples:
+            writer.write(members)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][shard].update(sha256=writer.sha256, bytes=writer.bytes)
+    manifest["fingerprint"] = fingerprint(manifest["config_hash"], manifest["shards"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    result = run_cli(["verify", out, "--quiet"], expect=1)
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1, result.output
+    assert shard_name(shard) in bad[0] and f"sample {key}" in bad[0] and "src_to_tgt" in bad[0]
+
+
+def test_verify_reports_a_missing_shard(reference_copy):
+    (reference_copy / shard_name(3)).unlink()
+    result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
+    assert f"BAD {shard_name(3)}: missing" in result.output
+    assert f"{REFERENCE_N - REFERENCE_SHARD_SIZE} samples" in result.output
+
+
+# -- the reader's contract -------------------------------------------------------------------------
+
+def test_trainer_reads_every_sample_with_the_right_shapes(reference):
+    samples = list(iter_samples(reference))
+    assert [s.key for s in samples] == [sample_key(k, i) for k in range(REFERENCE_SHARDS)
+                                        for i in range(REFERENCE_SHARD_SIZE)]
+    for sample in samples:
+        for image in (sample.src_image, sample.tgt_image):
+            assert image.shape == (480, 480, 3) and image.dtype == np.uint8
+        for grid in (sample.src_grid_mask, sample.tgt_grid_mask):
+            assert grid.shape == (30, 30) and 0 <= grid.min() and grid.max() <= 1 and grid.sum() > 0
+        for flow in (sample.src_to_tgt, sample.tgt_to_src):
+            assert flow.shape == (30, 30, 2) and np.isfinite(flow).all()
+        ids = list(range(1, len(sample.meta["objects"]) + 1))
+        assert [obj["id"] for obj in sample.meta["objects"]] == ids
+        assert len(ids) in (1, 2)
+        for mask in (sample.src_mask, sample.tgt_mask):
+            assert mask.shape == (480, 480) and mask.dtype == np.uint8
+            assert sorted(set(np.unique(mask).tolist()) - {0}) == ids, sample.key
+        assert sample.meta["key"] == sample.key and sample.meta["seed"]["root"] == 0

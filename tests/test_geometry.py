@@ -1,0 +1,121 @@
+"""Warps, their inverses and the grid masks, checked against their definitions."""
+import numpy as np
+import pytest
+
+from datagen.geometry import (
+    SegmentWarp,
+    ThinPlateSpline,
+    cycle_consistent_masks,
+    grid_centres,
+    mask_boundary,
+    place_in_region,
+    rotation_aspect_matrix,
+    sample_grid,
+    warp_grid,
+)
+
+CELL = 1 / 30  # one grid cell of a 30 x 30 grid, normalised
+
+
+def test_tps_interpolates_its_control_points():
+    tps = ThinPlateSpline.random_grid(np.random.default_rng(0), 4, 0.5)
+    assert np.allclose(tps(tps.controls), tps.targets, atol=1e-5)
+
+
+def test_tps_moves_control_points_by_at_most_jitter_over_g():
+    for grid in (4, 6):
+        tps = ThinPlateSpline.random_grid(np.random.default_rng(grid), grid, 0.5)
+        moves = np.abs(tps.targets - tps.controls)
+        assert moves.max() <= 0.5 / grid
+        assert moves.max() > 0.25 / grid  # really random, not all near zero
+
+
+def test_tps_jacobian_matches_finite_differences():
+    tps = ThinPlateSpline.random_grid(np.random.default_rng(1), 6, 0.5)
+    points = np.random.default_rng(2).random((20, 2))
+    eps = 1e-3
+    numeric = np.stack([(tps(points + [eps, 0]) - tps(points - [eps, 0])) / (2 * eps),
+                        (tps(points + [0, eps]) - tps(points - [0, eps])) / (2 * eps)], axis=-1)
+    assert np.allclose(tps.jacobian(points), numeric, atol=2e-3)
+
+
+@pytest.mark.parametrize("grid", [4, 6])
+def test_tps_inverse_error_is_far_below_a_tenth_of_a_cell(grid):
+    rng = np.random.default_rng(grid)
+    points = grid_centres(30, 30).reshape(-1, 2)
+    worst = 0.0
+    for _ in range(20):
+        tps = ThinPlateSpline.random_unfolded(rng, grid, 0.5)
+        worst = max(worst, np.abs(tps(tps.inverse(points)) - points).max())
+    assert worst < 0.1 * CELL / 10
+
+
+def test_folding_spline_is_detected_and_redrawn():
+    axis = np.linspace(0, 1, 4)
+    controls = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+    targets = controls.copy()
+    targets[5], targets[6] = controls[6], controls[5]  # two inner points swap: the map folds
+    assert ThinPlateSpline(controls, targets).min_jacobian_determinant() < 0
+    assert ThinPlateSpline(controls, controls).min_jacobian_determinant() > 0
+    tps = ThinPlateSpline.random_unfolded(np.random.default_rng(3), 6, 0.5)
+    assert tps.min_jacobian_determinant() > 0
+
+
+def test_warp_directions_are_inverse_of_each_other():
+    tps = ThinPlateSpline.random_unfolded(np.random.default_rng(4), 4, 0.5)
+    warp = SegmentWarp(rotation_aspect_matrix(12.0, 0.8, 0.9) @ np.diag([1.0, 1.0, 1.0]), (480, 480), tps)
+    points = np.random.default_rng(5).random((100, 2)) * 480
+    assert np.abs(warp.tgt_to_src(warp.src_to_tgt(points)) - points).max() < 0.01  # pixels
+
+
+def test_warp_json_round_trip():
+    tps = ThinPlateSpline.random_grid(np.random.default_rng(6), 4, 0.5)
+    warp = SegmentWarp(rotation_aspect_matrix(-7.0, 0.75, 1.0), (480, 480), tps)
+    again = SegmentWarp.from_json(warp.to_json())
+    points = np.random.default_rng(7).random((10, 2)) * 480
+    assert np.allclose(again.tgt_to_src(points), warp.tgt_to_src(points))
+
+
+def test_rotation_matrix_turns_by_the_angle_in_both_directions():
+    for angle in (-15.0, 15.0):
+        matrix = rotation_aspect_matrix(angle, 1.0, 1.0)
+        x_axis = matrix[:2, 0]
+        assert np.isclose(np.degrees(np.arctan2(-x_axis[1], x_axis[0])), angle)
+
+
+def test_placed_segment_fills_the_ratio_of_its_region_and_stays_inside():
+    mask = np.zeros((480, 480), np.uint8)
+    mask[100:200, 50:350] = 1
+    region = (0, 240, 480, 480)
+    for position in [(0.0, 0.0), (0.999, 0.999), (0.3, 0.7)]:
+        warp, outline = place_in_region(rotation_aspect_matrix(10.0, 0.8, 0.9), mask_boundary(mask), None,
+                                        (480, 480), region, 0.6, position)
+        low, high = outline.min(0), outline.max(0)
+        assert low[0] >= region[0] and low[1] >= region[1]
+        assert high[0] <= region[2] and high[1] <= region[3]
+        extent = high - low
+        assert np.isclose(max(extent[0] / 480, extent[1] / 240), 0.6, atol=1e-6)
+        assert np.allclose(warp.src_to_tgt(mask_boundary(mask)), outline)
+
+
+def test_sample_grid_is_bilinear_with_cell_centres():
+    values = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
+    coords = np.array([[[0.25, 0.25], [0.5, 0.5], [0.75, 0.25], [1.5, 0.5]]])
+    assert np.allclose(sample_grid(values, coords), [[0.0, 1.5, 1.0, 0.0]])
+
+
+def test_cycle_consistent_masks_of_a_shift_drop_cells_that_leave_the_image():
+    """A shift by 3 cells to the right: the mask moves with it, cells pushed out are dropped."""
+    n = 10
+    src_mask = np.zeros((n, n), np.float32)
+    src_mask[2:6, 5:10] = 1.0
+    shift = 3 / n
+    src_to_tgt = warp_grid(lambda p: p + [shift * 480, 0], (n, n), (480, 480), (480, 480))
+    tgt_to_src = warp_grid(lambda p: p - [shift * 480, 0], (n, n), (480, 480), (480, 480))
+    src_grid, tgt_grid = cycle_consistent_masks(src_mask, src_to_tgt, tgt_to_src)
+    expected_src = np.zeros((n, n))
+    expected_src[2:6, 5:7] = 1.0  # columns 7..9 land outside the target
+    expected_tgt = np.zeros((n, n))
+    expected_tgt[2:6, 8:10] = 1.0
+    assert np.allclose(src_grid, expected_src, atol=1e-6)
+    assert np.allclose(tgt_grid, expected_tgt, atol=1e-6)

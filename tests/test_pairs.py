@@ -1,0 +1,186 @@
+"""The pair builder on real COCO images: correspondences checked against what the warp did."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from datagen.config import BuildConfig, WarpConfig
+from datagen.geometry import SegmentWarp, grid_centres
+from datagen.pairs import PairBuilder, Rejected, border_crop_box, dilate, recompute_grids
+from datagen.sampling import Sampler, attempt_rng
+from datagen.segments import SegmentBank, write_bank
+from datagen.sources.coco import CocoSource
+
+SAMPLE = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco"
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bank")
+    write_bank(CocoSource(SAMPLE / "annotations" / "instances_train2017.json", SAMPLE / "train2017").scan(),
+               directory)
+    return SegmentBank.load(directory)
+
+
+def build_pairs(bank, config, count, objects=1, seed=0):
+    """The first ``count`` accepted pairs of a seeded run."""
+    sampler, builder = Sampler(bank, config), PairBuilder(bank, SAMPLE / "train2017", config)
+    pairs, attempt = [], 0
+    while len(pairs) < count:
+        rng = attempt_rng(seed, 0, attempt)
+        attempt += 1
+        try:
+            pairs.append(builder.build(sampler.plan(rng, objects), f"000000_{len(pairs):06d}"))
+        except Rejected:
+            continue
+    return pairs
+
+
+def bilinear(image, points):
+    """Sample (H, W, 3) ``image`` at (N, 2) continuous pixel coordinates."""
+    coords = (points - 0.5).astype(np.float32)
+    return cv2.remap(image.astype(np.float32), coords[:, 0:1], coords[:, 1:2], cv2.INTER_LINEAR)[:, 0]
+
+
+def inner_cells(grid_mask, mask_ids, side_size, stride):
+    """Cell centres (continuous pixels) whose whole 3x3 pixel neighbourhood is inside the mask."""
+    centres = grid_centres(*grid_mask.shape).reshape(-1, 2) * side_size
+    inside = (grid_mask.reshape(-1) > 0.99)
+    eroded = cv2.erode((mask_ids > 0).astype(np.uint8), np.ones((9, 9), np.uint8))
+    px = np.clip(centres.astype(int), 0, side_size - 1)
+    inside &= eroded[px[:, 1], px[:, 0]] > 0
+    return np.flatnonzero(inside), centres
+
+
+@pytest.mark.parametrize("objects", [1, 2])
+def test_colour_at_a_source_point_equals_colour_where_it_lands(bank, objects):
+    """With blending off, the target pixel at src_to_tgt(p) is the source pixel at p."""
+    config = BuildConfig(blend="paste", objects=str(objects), warp=WarpConfig(tps_prob=0.5))
+    for sample in build_pairs(bank, config, 6, objects):
+        cells, centres = inner_cells(sample.src_grid_mask, sample.src_mask, 480, 16)
+        assert len(cells) > 0
+        landed = sample.src_to_tgt.reshape(-1, 2)[cells] * 480
+        diff = np.abs(bilinear(sample.src_image, centres[cells]) - bilinear(sample.tgt_image, landed))
+        assert np.median(diff) < 4.0
+        # a control: the same colours compared with shuffled target points differ a lot more
+        shuffled = np.random.default_rng(0).permutation(landed)
+        control = np.abs(bilinear(sample.src_image, centres[cells]) - bilinear(sample.tgt_image, shuffled))
+        assert np.median(diff) < 0.5 * np.median(control) or np.median(control) < 4.0
+
+
+def test_target_to_source_sends_target_pixels_where_they_came_from(bank):
+    config = BuildConfig(blend="paste", objects="1")
+    checked = 0
+    for sample in build_pairs(bank, config, 6):
+        cells, centres = inner_cells(sample.tgt_grid_mask, sample.tgt_mask, 480, 16)
+        if len(cells) == 0:
+            continue
+        came_from = sample.tgt_to_src.reshape(-1, 2)[cells] * 480
+        diff = np.abs(bilinear(sample.tgt_image, centres[cells]) - bilinear(sample.src_image, came_from))
+        assert np.median(diff) < 4.0
+        checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("objects", [1, 2])
+def test_the_two_directions_compose_to_identity_inside_the_masks(bank, objects):
+    """tgt_to_src, interpolated at src_to_tgt(cell), comes back to the cell (within one cell)."""
+    config = BuildConfig(objects=str(objects))
+    checked = 0
+    for sample in build_pairs(bank, config, 6, objects):
+        landed = sample.src_to_tgt.reshape(-1, 1, 2) * 30 - 0.5
+        map_x, map_y = landed[..., 0].astype(np.float32), landed[..., 1].astype(np.float32)
+        back = cv2.remap(sample.tgt_to_src, map_x, map_y, cv2.INTER_LINEAR)[:, 0]
+        weight = cv2.remap(sample.tgt_grid_mask, map_x, map_y, cv2.INTER_LINEAR)[:, 0]
+        # cells well inside the mask on both sides (bilinear interpolation does not mix objects)
+        inside = (sample.src_grid_mask.reshape(-1) > 0.5) & (weight > 0.99)
+        error_cells = np.abs(back[inside] - grid_centres(30, 30).reshape(-1, 2)[inside]) * 30
+        if inside.any():
+            assert error_cells.max() <= 1.0
+            assert np.median(error_cells) < 0.05
+        checked += int(inside.sum())
+    assert checked >= 50
+
+
+def test_tps_pairs_round_trip_far_below_a_tenth_of_a_cell(bank):
+    config = BuildConfig(warp=WarpConfig(tps_prob=1.0), objects="1")
+    for sample in build_pairs(bank, config, 5):
+        warp = SegmentWarp.from_json(sample.meta["objects"][0]["warp"])
+        assert warp.tps is not None
+        centres = grid_centres(30, 30).reshape(-1, 2) * 480
+        error_cells = np.abs(warp.tgt_to_src(warp.src_to_tgt(centres)) - centres).max() / 16
+        assert error_cells < 0.01
+
+
+def test_stored_warp_recomputes_the_grids_at_any_stride(bank):
+    sample = build_pairs(bank, BuildConfig(objects="1", warp=WarpConfig(tps_prob=0.0)), 1)[0]
+    same = recompute_grids(sample)
+    assert np.array_equal(same["src_to_tgt"], sample.src_to_tgt)
+    assert np.array_equal(same["tgt_grid_mask"], sample.tgt_grid_mask)
+    finer = recompute_grids(sample, (60, 60))
+    assert finer["src_to_tgt"].shape == (60, 60, 2)
+    # an affine warp: the mean of each 2 x 2 block of fine cells is the coarse cell's value
+    blocks = finer["src_to_tgt"].reshape(30, 2, 30, 2, 2).mean(axis=(1, 3))
+    assert np.abs(blocks - sample.src_to_tgt).max() < 1e-5
+
+
+def test_grid_masks_lie_on_the_pixel_masks(bank):
+    for sample in build_pairs(bank, BuildConfig(objects="1"), 8):
+        for mask, grid in ((sample.src_mask, sample.src_grid_mask), (sample.tgt_mask, sample.tgt_grid_mask)):
+            coverage = cv2.resize((mask > 0).astype(np.float32), (30, 30), interpolation=cv2.INTER_AREA)
+            assert grid.sum() >= 9
+            assert not np.any((grid > 0.5) & (coverage < 0.1))  # no grid cell off the object
+            assert 0.6 * coverage.sum() <= grid.sum() <= 1.05 * coverage.sum()
+
+
+def test_one_object_background_lacks_the_segment_category(bank):
+    for sample in build_pairs(bank, BuildConfig(objects="1"), 8):
+        category = sample.meta["objects"][0]["category_id"]
+        background = sample.meta["background_image"]["id"]
+        assert category not in bank.categories_of_image(background)
+        assert background != sample.meta["source_image"]["id"]
+
+
+def test_two_object_pairs_use_two_categories_in_disjoint_regions(bank):
+    for sample in build_pairs(bank, BuildConfig(objects="2"), 5, objects=2):
+        first, second = sample.meta["objects"]
+        assert first["category_id"] != second["category_id"]
+        assert set(np.unique(sample.tgt_mask)) == {0, 1, 2}
+        touching = dilate((sample.tgt_mask == 1).astype(np.uint8), 1) & (sample.tgt_mask == 2)
+        assert not touching.any()
+        a, b = first["region"], second["region"]
+        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def test_sampled_warps_follow_the_paper_ranges(bank):
+    sampler = Sampler(bank, BuildConfig())
+    plans = [sampler.plan(attempt_rng(0, 0, a), 1).objects[0] for a in range(400)]
+    angles = np.array([p.angle_deg for p in plans])
+    assert angles.min() < -12 and angles.max() > 12 and np.abs(angles).max() <= 15
+    aspects = np.array([[p.aspect_x, p.aspect_y] for p in plans])
+    assert aspects.min() >= 0.7 and aspects.max() <= 1.0
+    ratios = np.array([p.ratio for p in plans])
+    assert set(np.round(ratios, 6)) <= set(np.round(np.linspace(0.2, 1, 10), 6))
+    assert np.mean(ratios < 0.6) > np.mean(ratios > 0.6)  # weights decrease with the ratio
+    tps = np.array([p.tps_grid for p in plans])
+    assert 0.4 < np.mean(tps > 0) < 0.6 and set(tps) == {0, 4, 6}
+
+
+def test_dilation_grows_a_mask_by_the_radius():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[50, 50] = 1
+    grown = dilate(mask, 20)
+    ys, xs = np.nonzero(grown)
+    assert xs.min() == 30 and xs.max() == 70 and ys.min() == 30 and ys.max() == 70
+    assert grown[50 + 14, 50 + 14] == 1 and grown[50 + 15, 50 + 15] == 0  # a disc, not a square
+
+
+def test_border_crop_makes_the_object_touch_its_nearest_border():
+    mask = np.zeros((100, 200), np.uint8)
+    mask[40:60, 150:180] = 1  # nearest border: the right one (20 px away)
+    x0, y0, x1, y1 = border_crop_box(mask)
+    assert (x0, y0, x1, y1) == (0, 0, 180, 100)
+    mask = np.zeros((100, 200), np.uint8)
+    mask[5:30, 80:120] = 1  # nearest: top
+    assert border_crop_box(mask) == (0, 5, 200, 100)

@@ -1,0 +1,145 @@
+"""Tests of datagen.preview: pair rendering, contact sheets, PNG and HTML previews."""
+from __future__ import annotations
+
+import base64
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from datagen.preview import (GAP, correspondence_points, overlay_mask, render_contact_sheet, render_pair,
+                             write_preview)
+from datagen.schema import PairSample, encode_sample
+from datagen.shards import ShardWriter, sample_key, shard_name
+
+GREY = 128
+
+
+def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4) -> PairSample:
+    """Plain grey 64x64 images, a square object moved right by ``shift`` pixels, 4x4 grids."""
+    src = np.full((size, size, 3), GREY, np.uint8)
+    tgt = src.copy()
+    src_mask = np.zeros((size, size), np.uint8)
+    src_mask[16:48, 16:48] = 1
+    tgt_mask = np.roll(src_mask, shift, axis=1)
+    grid_mask = np.zeros((grid, grid), np.float32)
+    grid_mask[1:3, 1:3] = 1.0
+    centres = (np.arange(grid) + 0.5) / grid
+    xs, ys = np.meshgrid(centres, centres)
+    src_to_tgt = np.stack([xs + shift / size, ys], axis=-1).astype(np.float32)
+    tgt_to_src = np.stack([xs - shift / size, ys], axis=-1).astype(np.float32)
+    return PairSample(key=key, src_image=src, tgt_image=tgt, src_mask=src_mask, tgt_mask=tgt_mask,
+                      src_grid_mask=grid_mask, tgt_grid_mask=np.roll(grid_mask, 0, axis=1),
+                      src_to_tgt=src_to_tgt, tgt_to_src=tgt_to_src,
+                      meta={"objects": [{"category": "dog"}], "source_image": {"id": 101},
+                            "background_image": {"id": 202}})
+
+
+def test_render_pair_shape_and_type():
+    image = render_pair(make_sample("k"))
+    assert image.shape == (64, 2 * 64 + GAP, 3) and image.dtype == np.uint8
+
+
+def test_lines_end_where_src_to_tgt_says():
+    sample = make_sample("k", shift=8)
+    sample.tgt_mask[:] = 0  # no overlay on the target: any change there is a line or a circle
+    plain = render_pair(sample, n_lines=0)
+    drawn = render_pair(sample, n_lines=4, seed=3)
+    points = correspondence_points(sample, n_lines=4, seed=3)
+    assert len(points) == 4  # the 4 cells of the 2x2 mask
+    for (xs, ys), (xt, yt) in points:
+        # source points are cell centres inside the grid mask, targets shifted by 8 px
+        assert (xt, yt) == pytest.approx((xs + 8, ys))
+        end = (int(round(yt)), int(round(xt)) + 64 + GAP)
+        assert np.abs(drawn[end].astype(int) - plain[end].astype(int)).sum() > 60
+        start = (int(round(ys)), int(round(xs)))
+        assert np.abs(drawn[start].astype(int) - plain[start].astype(int)).sum() > 60
+    # far from every end point and segment, the target is untouched
+    assert np.array_equal(drawn[2:6, 64 + GAP + 2: 64 + GAP + 6], plain[2:6, 64 + GAP + 2: 64 + GAP + 6])
+
+
+def test_only_masked_cells_are_used():
+    sample = make_sample("k")
+    points = correspondence_points(sample, n_lines=100)
+    cells = {(int(ys // 16), int(xs // 16)) for (xs, ys), _ in points}
+    assert cells == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert correspondence_points(sample, 4, seed=1) == correspondence_points(sample, 4, seed=1)
+    sample.src_grid_mask[:] = 0
+    assert correspondence_points(sample) == []
+    render_pair(sample)  # nothing to draw is fine
+
+
+def test_mask_overlay_only_inside_mask():
+    sample = make_sample("k")
+    out = overlay_mask(sample.src_image, sample.src_mask)
+    inside = sample.src_mask > 0
+    ring = cv2.dilate(sample.src_mask, np.ones((5, 5), np.uint8)) > 0
+    assert (out[inside] != GREY).any(axis=-1).all()
+    assert (out[~ring] == GREY).all()
+    # and in the rendered pair (no lines), away from the label at the bottom
+    pair = render_pair(sample, n_lines=0)
+    src = pair[:, :64]
+    assert (src[:40][~ring[:40]] == GREY).all()
+    assert (src[20:44, 20:44] != GREY).any(axis=-1).all()
+
+
+def test_two_objects_get_different_colours():
+    sample = make_sample("k")
+    sample.src_mask[16:48, 32:48] = 2
+    out = overlay_mask(sample.src_image, sample.src_mask)
+    assert not np.array_equal(out[30, 20], out[30, 40])
+
+
+def test_contact_sheet():
+    samples = [make_sample(sample_key(0, i)) for i in range(3)]
+    sheet = render_contact_sheet(samples, columns=2)
+    assert sheet.dtype == np.uint8 and sheet.ndim == 3
+    assert 2 * 480 <= sheet.shape[1] <= 2 * 480 + 64
+    with pytest.raises(ValueError):
+        render_contact_sheet([])
+
+
+def write_shards(tmp_path, counts):
+    paths = []
+    for index, count in enumerate(counts):
+        path = tmp_path / shard_name(index)
+        with ShardWriter(path) as writer:
+            for i in range(count):
+                writer.write(encode_sample(make_sample(sample_key(index, i), shift=4 + i), 90))
+        paths.append(path)
+    return paths
+
+
+def test_write_preview_png(tmp_path):
+    paths = write_shards(tmp_path, [2, 3])
+    out = tmp_path / "preview" / "sheet.png"
+    assert write_preview(paths, out, n=4) == 4
+    image = cv2.imread(str(out), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[1] >= 480
+    assert write_preview(paths, tmp_path / "all.jpg", n=16) == 5
+    assert cv2.imread(str(tmp_path / "all.jpg")) is not None
+
+
+def test_write_preview_html(tmp_path):
+    paths = write_shards(tmp_path, [2, 2])
+    out = tmp_path / "preview.html"
+    assert write_preview(paths, out, n=3) == 3
+    page = out.read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == page.count("<img") == 3
+    for key in (sample_key(0, 0), sample_key(0, 1), sample_key(1, 0)):
+        assert key in page
+    assert sample_key(1, 1) not in page
+    assert "dog" in page and "101" in page and "202" in page
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(images[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None and decoded.shape[0] == 64
+
+
+def test_write_preview_errors(tmp_path):
+    paths = write_shards(tmp_path, [1])
+    with pytest.raises(ValueError, match="extension"):
+        write_preview(paths, tmp_path / "preview.gif")
+    empty = write_shards(tmp_path / "empty", [0])
+    with pytest.raises(ValueError, match="no samples"):
+        write_preview(empty, tmp_path / "p.png")

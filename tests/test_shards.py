@@ -1,0 +1,204 @@
+"""Tests of datagen.shards: reproducible atomic tar writing and strict reading."""
+from __future__ import annotations
+
+import hashlib
+import tarfile
+
+import numpy as np
+import pytest
+
+from datagen.schema import PairSample, decode_sample, encode_sample
+from datagen.shards import (ShardError, ShardWriter, iter_tar_samples, parse_shard_index, sample_key,
+                            sha256_file, shard_name)
+
+
+def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4, seed: int = 0) -> PairSample:
+    """A 64x64 pair: a square object moved right by ``shift`` pixels, 4x4 grids."""
+    rng = np.random.default_rng(seed)
+    src = np.full((size, size, 3), 120, np.uint8)
+    src[16:40, 16:40] = (200, 60, 40)
+    src = np.clip(src.astype(int) + rng.integers(-5, 6, src.shape), 0, 255).astype(np.uint8)
+    tgt = np.roll(src, shift, axis=1)
+    src_mask = np.zeros((size, size), np.uint8)
+    src_mask[16:40, 16:40] = 1
+    tgt_mask = np.roll(src_mask, shift, axis=1)
+    grid_mask = np.zeros((grid, grid), np.float32)
+    grid_mask[1:3, 1:3] = 1.0
+    centres = (np.arange(grid) + 0.5) / grid
+    xs, ys = np.meshgrid(centres, centres)
+    src_to_tgt = np.stack([xs + shift / size, ys], axis=-1).astype(np.float32)
+    tgt_to_src = np.stack([xs - shift / size, ys], axis=-1).astype(np.float32)
+    return PairSample(key=key, src_image=src, tgt_image=tgt, src_mask=src_mask, tgt_mask=tgt_mask,
+                      src_grid_mask=grid_mask, tgt_grid_mask=np.roll(grid_mask, 0, axis=1),
+                      src_to_tgt=src_to_tgt, tgt_to_src=tgt_to_src,
+                      meta={"objects": [{"category": "cat"}], "source_image_id": 7,
+                            "background_image_id": 9})
+
+
+def write_shard(path, samples, quality=90):
+    with ShardWriter(path) as writer:
+        for sample in samples:
+            writer.write(encode_sample(sample, quality))
+    return writer
+
+
+def test_names_and_keys():
+    assert shard_name(12) == "shard-000012.tar"
+    assert sample_key(12, 345) == "000012_000345"
+    assert "." not in sample_key(0, 0)
+    assert parse_shard_index("shard-000012.tar") == 12
+    assert parse_shard_index("/x/y/shard-000003.stats.json") == 3
+    with pytest.raises(ValueError):
+        parse_shard_index("foo.tar")
+    with pytest.raises(ValueError):
+        shard_name(-1)
+    with pytest.raises(ValueError):
+        shard_name(1_000_000)
+
+
+def test_identical_input_gives_identical_bytes(tmp_path):
+    samples = [make_sample(sample_key(0, i), seed=i) for i in range(3)]
+    first = write_shard(tmp_path / "a" / shard_name(0), samples)
+    second = write_shard(tmp_path / "b" / shard_name(0), samples)
+    a = (tmp_path / "a" / shard_name(0)).read_bytes()
+    b = (tmp_path / "b" / shard_name(0)).read_bytes()
+    assert a == b
+    assert first.sha256 == second.sha256 == hashlib.sha256(a).hexdigest()
+    assert first.sha256 == sha256_file(tmp_path / "a" / shard_name(0))
+    assert first.bytes == len(a)
+    assert first.count == 3
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    changed = samples[:2] + [make_sample(sample_key(0, 2), shift=4, seed=2)]
+    third = write_shard(tmp_path / "c" / shard_name(0), changed)
+    assert third.sha256 != first.sha256
+
+
+def test_tar_members_are_reproducible(tmp_path):
+    write_shard(tmp_path / shard_name(1), [make_sample(sample_key(1, 0))])
+    with tarfile.open(tmp_path / shard_name(1)) as tar:
+        members = tar.getmembers()
+    assert members[0].name == "000001_000000.json"
+    for member in members:
+        assert member.mtime == 0 and member.mode == 0o444
+        assert member.uname == "datagen" and member.gname == "datagen"
+
+
+def test_exception_leaves_nothing(tmp_path):
+    path = tmp_path / shard_name(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(path) as writer:
+            writer.write(encode_sample(make_sample(sample_key(0, 0)), 90))
+            raise RuntimeError("boom")
+    assert not path.exists()
+    assert not (tmp_path / (shard_name(0) + ".tmp")).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exception_keeps_older_shard(tmp_path):
+    path = tmp_path / shard_name(0)
+    write_shard(path, [make_sample(sample_key(0, 0))])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with ShardWriter(path) as writer:
+            writer.write(encode_sample(make_sample(sample_key(0, 0), shift=2), 90))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == before
+
+
+def test_write_rejects_bad_members(tmp_path):
+    with pytest.raises(ValueError):
+        with ShardWriter(tmp_path / shard_name(0)) as writer:
+            writer.write({"__key__": "a.b", "json": b"{}"})
+    with pytest.raises(ValueError, match="written twice"):
+        with ShardWriter(tmp_path / shard_name(0)) as writer:
+            writer.write({"__key__": "k", "json": b"{}"})
+            writer.write({"__key__": "k", "json": b"{}"})
+    with pytest.raises(ValueError, match="expected bytes"):
+        with ShardWriter(tmp_path / shard_name(0)) as writer:
+            writer.write({"__key__": "k", "json": "text"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_round_trip(tmp_path):
+    samples = [make_sample(sample_key(2, i), seed=i) for i in range(3)]
+    samples[1].src_style_image = samples[1].src_image[::-1].copy()
+    path = tmp_path / shard_name(2)
+    write_shard(path, samples)
+    read = [decode_sample(members) for members in iter_tar_samples(path)]
+    assert [s.key for s in read] == [s.key for s in samples]
+    for got, want in zip(read, samples):
+        diff = np.abs(got.src_image.astype(int) - want.src_image.astype(int))
+        assert diff.mean() < 6 and got.src_image.shape == want.src_image.shape
+        assert np.abs(got.tgt_image.astype(int) - want.tgt_image.astype(int)).mean() < 6
+        np.testing.assert_array_equal(got.src_mask, want.src_mask)
+        np.testing.assert_array_equal(got.tgt_mask, want.tgt_mask)
+        for name in ("src_grid_mask", "tgt_grid_mask", "src_to_tgt", "tgt_to_src"):
+            np.testing.assert_array_equal(getattr(got, name),
+                                          getattr(want, name).astype(np.float16).astype(np.float32))
+        assert got.meta["objects"] == [{"category": "cat"}]
+    assert read[1].src_style_image is not None and read[0].src_style_image is None
+
+
+def test_empty_shard(tmp_path):
+    path = tmp_path / shard_name(0)
+    writer = write_shard(path, [])
+    assert writer.count == 0
+    assert list(iter_tar_samples(path)) == []
+
+
+@pytest.mark.parametrize("cut", [100, 0.5, -1024, -2048 + 1])
+def test_truncated_tar_raises(tmp_path, cut):
+    path = tmp_path / shard_name(4)
+    write_shard(path, [make_sample(sample_key(4, i), seed=i) for i in range(3)])
+    data = path.read_bytes()
+    # Cut the data before the end-of-archive marker (the tar is padded to 10240-byte records).
+    with tarfile.open(path) as tar:
+        end = tar.getmembers()[-1].offset_data + tar.getmembers()[-1].size
+    end = -(-end // 512) * 512
+    if isinstance(cut, float):
+        length = int(end * cut) // 512 * 512  # on a block boundary: tarfile alone would not notice
+    elif cut > 0:
+        length = cut
+    else:
+        length = end + 1024 + cut
+    path.write_bytes(data[:length])
+    with pytest.raises(ShardError, match=shard_name(4)):
+        list(iter_tar_samples(path))
+
+
+def test_truncated_tar_names_last_good_key(tmp_path):
+    path = tmp_path / shard_name(5)
+    write_shard(path, [make_sample(sample_key(5, i), seed=i) for i in range(3)])
+    with tarfile.open(path) as tar:
+        third = [m for m in tar.getmembers() if m.name.startswith(sample_key(5, 2))][0]
+    path.write_bytes(path.read_bytes()[: third.offset_data + 10])
+    seen = []
+    with pytest.raises(ShardError) as info:
+        for members in iter_tar_samples(path):
+            seen.append(members["__key__"])
+    assert seen == [sample_key(5, 0), sample_key(5, 1)]
+    assert info.value.last_key == sample_key(5, 1)
+    assert sample_key(5, 1) in str(info.value) and str(path) in str(info.value)
+
+
+def test_garbage_and_missing_files(tmp_path):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ShardError, match="garbage.tar"):
+        list(iter_tar_samples(garbage))
+    with pytest.raises(ShardError, match="missing.tar"):
+        list(iter_tar_samples(tmp_path / "missing.tar"))
+
+
+def test_corrupt_header_in_the_middle(tmp_path):
+    path = tmp_path / shard_name(6)
+    write_shard(path, [make_sample(sample_key(6, i), seed=i) for i in range(2)])
+    with tarfile.open(path) as tar:
+        second = [m for m in tar.getmembers() if m.name.startswith(sample_key(6, 1))][0]
+    data = bytearray(path.read_bytes())
+    data[second.offset: second.offset + 100] = b"\xff" * 100
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=sample_key(6, 0)) as info:
+        list(iter_tar_samples(path))
+    assert shard_name(6) in str(info.value)
