@@ -24,7 +24,7 @@ def _source_spec(segments: str, coco_root, coco_split: str):
         if coco_root is None:
             _say(f"no --coco-root given: using the embedded sample of 60 COCO images ({SAMPLE_ROOT})")
             coco_root = SAMPLE_ROOT
-        return SourceSpec("coco", {"root": Path(coco_root), "split": coco_split})
+        return SourceSpec("coco", {"root": Path(coco_root).resolve(), "split": coco_split})
     raise click.BadParameter(f"unknown segment source {segments!r}", param_hint="--segments")
 
 

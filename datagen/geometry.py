@@ -115,11 +115,11 @@ class ThinPlateSpline:
         return self._evaluate(points.astype(np.float64), True)[1]
 
     def _lattice(self):
-        """A 49 x 49 lattice over [-0.1, 1.1]^2, its image under the spline, and a k-d tree of
+        """A 33 x 33 lattice over [-0.1, 1.1]^2, its image under the spline, and a k-d tree of
         that image (cached): nearest-image lookups give Newton a start within one lattice step."""
         cached = self.__dict__.get("_lattice_cache")
         if cached is None:
-            axis = np.linspace(-0.1, 1.1, 49)
+            axis = np.linspace(-0.1, 1.1, 33)
             lattice = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
             cached = (lattice, cKDTree(self(lattice)))
             object.__setattr__(self, "_lattice_cache", cached)
@@ -293,11 +293,11 @@ def cycle_consistent_masks(src_mask: np.ndarray, src_to_tgt: np.ndarray, tgt_to_
     return src_final.astype(np.float32), tgt_final.astype(np.float32)
 
 
-def warp_roi(image: np.ndarray, warp: SegmentWarp, roi: tuple, border: int, coarse_step: int = 8) -> np.ndarray:
-    """The source ``image`` (H, W[, C]) resampled bilinearly over the target rectangle ``roi``
-    (x0, y0, x1, y1) through ``warp.tgt_to_src``; ``border`` is a cv2 border mode.
+def warp_roi(layers: list, warp: SegmentWarp, roi: tuple, coarse_step: int = 8) -> list:
+    """Source ``layers`` [(image (H, W[, C]), cv2 border mode), ...] resampled bilinearly over the
+    target rectangle ``roi`` (x0, y0, x1, y1) through ``warp.tgt_to_src``; one output per layer.
 
-    Without a TPS this is one cv2.warpAffine. A TPS is evaluated on a coarse lattice (every
+    Without a TPS this is cv2.warpAffine. A TPS is evaluated once on a coarse lattice (every
     ``coarse_step`` pixels) and bilinearly interpolated into cv2.remap maps: the spline is smooth,
     so this is exact to a small fraction of a pixel and much faster than evaluating it per pixel.
     """
@@ -308,8 +308,8 @@ def warp_roi(image: np.ndarray, warp: SegmentWarp, roi: tuple, border: int, coar
         to_target = np.array([[1.0, 0, x0 + 0.5], [0, 1.0, y0 + 0.5], [0, 0, 1]])
         to_index = np.array([[1.0, 0, -0.5], [0, 1.0, -0.5], [0, 0, 1]])
         matrix = (to_index @ np.linalg.inv(warp.affine) @ to_target)[:2]
-        return cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=border, borderValue=0)
+        return [cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=border, borderValue=0) for image, border in layers]
     nx = max(2, int(np.ceil(size[0] / coarse_step)) + 1)
     ny = max(2, int(np.ceil(size[1] / coarse_step)) + 1)
     xs = np.linspace(x0 + 0.5, x1 - 0.5, nx)
@@ -317,7 +317,8 @@ def warp_roi(image: np.ndarray, warp: SegmentWarp, roi: tuple, border: int, coar
     lattice = warp.tgt_to_src(np.stack(np.meshgrid(xs, ys), axis=-1)) - 0.5
     map_x = _resize_corners(lattice[..., 0], size)
     map_y = _resize_corners(lattice[..., 1], size)
-    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+    return [cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+            for image, border in layers]
 
 
 def _resize_corners(values: np.ndarray, size: tuple) -> np.ndarray:
@@ -342,13 +343,15 @@ def mask_boundary(mask: np.ndarray, spacing: float = 8.0) -> np.ndarray:
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return np.zeros((0, 2))
-    pieces = []
+    starts, stops = [], []
     for contour in contours:
         polygon = cv2.approxPolyDP(contour, 0.5, True).reshape(-1, 2).astype(np.float64)
-        ends = np.roll(polygon, -1, axis=0)
-        for start, stop in zip(polygon, ends):
-            steps = max(1, int(np.ceil(np.abs(stop - start).max() / spacing)))
-            pieces.append(start + (stop - start) * (np.arange(steps)[:, None] / steps))
-    points = np.concatenate(pieces)
+        starts.append(polygon)
+        stops.append(np.roll(polygon, -1, axis=0))
+    starts, stops = np.concatenate(starts), np.concatenate(stops)
+    steps = np.maximum(1, np.ceil(np.abs(stops - starts).max(1) / spacing)).astype(int)
+    edge = np.repeat(np.arange(len(steps)), steps)
+    fraction = (np.arange(len(edge)) - np.repeat(np.cumsum(steps) - steps, steps)) / steps[edge]
+    points = starts[edge] + (stops - starts)[edge] * fraction[:, None]
     corners = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
     return (points[:, None, :] + corners[None]).reshape(-1, 2)

@@ -200,8 +200,8 @@ class PairBuilder:
                 raise Rejected("empty_segment", f"segment {self.bank.segment_ids[obj.segment_row]} vanishes at {size} px")
             warp, outline = make_warp(obj, mask_boundary(object_mask), (size, size), region, config)
             roi = self._roi(outline)
-            patch = warp_roi(src_image, warp, roi, cv2.BORDER_REPLICATE)
-            patch_mask = warp_roi(object_mask * 255, warp, roi, cv2.BORDER_CONSTANT)
+            patch, patch_mask = warp_roi([(src_image, cv2.BORDER_REPLICATE), (object_mask * 255, cv2.BORDER_CONSTANT)],
+                                         warp, roi)
             patch_mask = np.where(patch_mask >= 128, 255, 0).astype(np.uint8)
             patch_mask[[0, -1], :] = 0
             patch_mask[:, [0, -1]] = 0

@@ -67,11 +67,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=print) -> dict:
-    """Scan the source into ``bank_dir`` unless a bank of the same inputs is already there.
-
-    Returns the inputs record (source, options, annotation checksum, image root, counts).
-    """
+def open_source(spec: SourceSpec, config: BuildConfig) -> tuple:
+    """(source, inputs record without bank counts): the source is loaded and its annotations hashed."""
     source = get_source(spec.name, min_area=config.min_area, **spec.options)
     record = {
         "source": spec.to_json(),
@@ -79,6 +76,16 @@ def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=prin
         "annotations_sha256": sha256_of(source.annotations_path),
         "image_root": str(Path(source.images_dir).resolve()),
     }
+    return source, record
+
+
+def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=print, opened=None) -> dict:
+    """Scan the source into ``bank_dir`` unless a bank of the same inputs is already there.
+
+    ``opened``: the result of :func:`open_source` when the caller has it already.
+    Returns the inputs record (source, options, annotation checksum, image root, counts).
+    """
+    source, record = opened or open_source(spec, config)
     inputs_path = bank_dir / BANK_INPUTS
     if inputs_path.is_file():
         previous = json.loads(inputs_path.read_text())
@@ -101,9 +108,10 @@ def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
 _WORKER_CACHE: dict = {}
 
 
-def _worker_state(bank_dir: str, image_root: str, config: BuildConfig):
-    """Bank, sampler and builder of this process, loaded once and reused by its shards."""
-    key = (bank_dir, image_root, config)
+def _worker_state(bank_dir: str, image_root: str, config: BuildConfig, inputs_sha256=None):
+    """Bank, sampler and builder of this process, loaded once and reused by its shards (until the
+    bank's inputs change: a rescan into the same ``bank_dir`` must not reuse the old bank)."""
+    key = (bank_dir, image_root, config, inputs_sha256)
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         bank = SegmentBank.load(bank_dir)
@@ -112,15 +120,18 @@ def _worker_state(bank_dir: str, image_root: str, config: BuildConfig):
 
 
 def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, image_root: str,
-                root_seed: int, out_dir: str, progress=None) -> dict:
+                root_seed: int, out_dir: str, inputs_sha256: str | None = None, progress=None) -> dict:
     """Build shard ``shard`` with ``count`` samples into ``out_dir``; returns its stats.
+
+    ``inputs_sha256`` (the annotation file's checksum) is recorded in the stats, so that shards of
+    other inputs are never taken for finished ones.
 
     Writes the tar, then the per-attempt parquet, then the stats marker (last). A rejected or
     failing attempt is recorded and the shard goes on; ``config.max_attempts`` failures in a
     row stop it with :class:`BuildError` (something is wrong with every input, not one).
     """
     cv2.setNumThreads(1)
-    sampler, builder = _worker_state(bank_dir, image_root, config)
+    sampler, builder = _worker_state(bank_dir, image_root, config, inputs_sha256)
     chash = config_hash(config)
     out = Path(out_dir)
     rows, rejected = [], Counter()
@@ -157,33 +168,44 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
             attempt += 1
     write_sample_rows(rows, out / samples_name(shard))
     stats = make_stats(shard_index=shard, samples=accepted, attempted=attempt, rejected=dict(rejected),
-                       bytes=writer.bytes, sha256=writer.sha256, config_hash=chash, root_seed=root_seed)
+                       bytes=writer.bytes, sha256=writer.sha256, config_hash=chash, root_seed=root_seed,
+                       inputs_sha256=inputs_sha256)
     write_stats(out / stats_name(shard), stats)
     return stats
 
 
-def shard_is_done(out: Path, shard: int, count: int, chash: str, root_seed: int) -> dict | None:
-    """The shard's stats if it is complete for this build (marker present, same config, seed and
+def same_build(stats: dict, chash: str, root_seed: int, inputs_sha256: str | None) -> bool:
+    """Whether a shard's stats come from this build: same config, root seed and annotations."""
+    return (stats["config_hash"] == chash and stats.get("root_seed") == root_seed
+            and stats.get("inputs_sha256") == inputs_sha256)
+
+
+def shard_is_done(out: Path, shard: int, count: int, chash: str, root_seed: int,
+                  inputs_sha256: str | None = None) -> dict | None:
+    """The shard's stats if it is complete for this build (marker present, same build and
     count, tar of the recorded size), else None."""
     stats = read_stats(out / stats_name(shard))
     tar = out / shard_name(shard)
     if stats is None or not tar.is_file():
         return None
-    same = (stats["config_hash"] == chash and stats.get("root_seed") == root_seed
-            and stats["samples"] == count and tar.stat().st_size == stats["bytes"])
-    return stats if same else None
+    done = (same_build(stats, chash, root_seed, inputs_sha256) and stats["samples"] == count
+            and tar.stat().st_size == stats["bytes"])
+    return stats if done else None
 
 
-def check_out_dir(out: Path, chash: str, root_seed: int, overwrite: bool) -> None:
-    """Refuse to mix shards of another config or seed into ``out`` unless ``overwrite``."""
+def check_out_dir(out: Path, chash: str, root_seed: int, overwrite: bool,
+                  inputs_sha256: str | None = None) -> None:
+    """Refuse to mix shards of another config, seed or inputs into ``out`` unless ``overwrite``."""
     for path in sorted(out.glob("shard-*.stats.json")):
         stats = read_stats(path)
         if stats is None or overwrite:
             continue
-        if stats["config_hash"] != chash or stats.get("root_seed") != root_seed:
+        theirs = stats.get("inputs_sha256")
+        if not same_build(stats, chash, root_seed, inputs_sha256):
             raise BuildError(
                 f"{out} holds shards of another build ({path.name}: config {stats['config_hash'][:12]}, "
-                f"seed {stats.get('root_seed')}; this build: config {chash[:12]}, seed {root_seed}). "
+                f"seed {stats.get('root_seed')}, annotations {str(theirs)[:12]}; "
+                f"this build: config {chash[:12]}, seed {root_seed}, annotations {str(inputs_sha256)[:12]}). "
                 "Use another --out, or --overwrite to replace them.")
 
 
@@ -221,15 +243,19 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     chash = config_hash(config)
-    check_out_dir(out, chash, seed, overwrite)
-    inputs = prepare_bank(spec, config, out / BANK_DIR, log)
+    opened = open_source(spec, config)  # a bad annotation file fails here, before --out is touched
+    inputs_sha256 = opened[1]["annotations_sha256"]
+    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, chash, seed, overwrite, inputs_sha256)
+    inputs = prepare_bank(spec, config, out / BANK_DIR, log, opened=opened)
     bank_dir, image_root = str(out / BANK_DIR), inputs["image_root"]
 
     shards = plan_shards(n, config.shard_size)
-    done = {k: s for k, c in shards if (s := shard_is_done(out, k, c, chash, seed)) is not None}
-    todo = [(k, c, config, bank_dir, image_root, seed, str(out)) for k, c in shards if k not in done]
+    done = {k: s for k, c in shards
+            if (s := shard_is_done(out, k, c, chash, seed, inputs_sha256)) is not None}
+    todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256)
+            for k, c in shards if k not in done]
     if done:
         log(f"resuming: {len(done)} of {len(shards)} shards already complete")
     extra = sorted(p.name for p in out.glob("shard-*.tar") if parse_shard_index(p.name) >= len(shards))

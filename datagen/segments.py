@@ -169,7 +169,8 @@ def write_bank(items: Iterable[BankItem], directory) -> BankSummary:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = [SEGMENTS_FILE, IMAGES_FILE, SKIPPED_FILE, SUMMARY_FILE]
-    temporary = {name: directory / f".{name}.{os.getpid()}.tmp" for name in names}
+    # fixed temporary names: a scan killed midway leaves files that the next scan overwrites
+    temporary = {name: directory / f".{name}.tmp" for name in names}
     try:
         summary = _write_tables(items, temporary)
         temporary[SUMMARY_FILE].write_text(json.dumps(

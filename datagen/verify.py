@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import load_manifest
+from .manifest import fingerprint, load_manifest
 from .pairs import recompute_grids
 from .schema import SchemaError, decode_sample
 from .shards import ShardError, iter_tar_samples, sha256_file
@@ -72,6 +72,8 @@ def verify_dir(shard_dir, progress: bool = True) -> VerifyReport:
             report.problems += verify_shard(shard_dir / entry["name"], entry, report, bar.update)
     if report.samples != manifest.get("n_samples", report.samples):
         report.problems.append(f"manifest says {manifest['n_samples']} samples, found {report.samples}")
+    if fingerprint(manifest["config_hash"], manifest["shards"]) != manifest["fingerprint"]:
+        report.problems.append("manifest.json: its fingerprint does not match its shard list")
     return report
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from conftest import (REFERENCE_N, REFERENCE_SHARD_SIZE, REFERENCE_SHARDS, all_output, build_args,
                       output_files, run_cli, shard_files)
+from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig, config_hash
 from datagen.manifest import fingerprint, read_sample_rows, read_stats, samples_name, stats_name
 from datagen.schema import SCHEMA_VERSION, decode_npy, encode_npy
@@ -142,6 +142,31 @@ def test_refuses_to_mix_builds_unless_overwrite(reference_copy, reference_seed1)
     run_cli(build_args(out, seed=1))  # now a finished seed-1 build: the same command is fine
 
 
+def test_refuses_to_mix_shards_of_other_inputs_unless_overwrite(tmp_path):
+    """Same config and seed, other annotations: the old shards must not be kept as if done."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").symlink_to(SAMPLE_ROOT / "train2017", target_is_directory=True)
+    dataset = json.loads((SAMPLE_ROOT / "annotations" / "instances_train2017.json").read_text())
+    dataset["annotations"] = [a for a in dataset["annotations"] if a["id"] % 2 == 0]
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(dataset))
+    other = ["--coco-root", str(root)]
+
+    out, direct = tmp_path / "out", tmp_path / "direct"
+    run_cli(build_args(out, n=10))  # the embedded sample
+    before = output_files(out)
+    bank_before = {p.name: p.read_bytes() for p in (out / "bank").iterdir()}
+    result = run_cli(build_args(out, n=10) + other, expect=1)
+    assert "--overwrite" in all_output(result), all_output(result)
+    assert output_files(out) == before
+    assert {p.name: p.read_bytes() for p in (out / "bank").iterdir()} == bank_before
+
+    run_cli(build_args(out, n=10) + other + ["--overwrite"])
+    run_cli(build_args(direct, n=10) + other)
+    assert_same_outputs(out, direct)
+    assert all(before[name] != (out / name).read_bytes() for name in shard_files(out))
+
+
 # -- manifest and per-sample rows -----------------------------------------------------------------
 
 def test_manifest_describes_the_files(reference):
@@ -241,6 +266,15 @@ def test_verify_reports_a_missing_shard(reference_copy):
     result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
     assert f"BAD {shard_name(3)}: missing" in result.output
     assert f"{REFERENCE_N - REFERENCE_SHARD_SIZE} samples" in result.output
+
+
+def test_verify_catches_a_manifest_whose_fingerprint_does_not_match(reference_copy):
+    path = reference_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["fingerprint"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
+    assert "fingerprint does not match" in result.output
 
 
 # -- the reader's contract -------------------------------------------------------------------------

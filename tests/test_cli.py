@@ -1,0 +1,90 @@
+"""The ``datagen`` command line: usage errors, help texts, preview, segments, the embedded sample."""
+from __future__ import annotations
+
+import json
+import re
+
+import click
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import all_output, build_args, make_runner, run_cli
+from datagen.cli import main
+from datagen.segments import SegmentBank
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--segments", "nope"], "--segments"),
+    (["--n", "0"], "--n"),
+    (["--workers", "0"], "--workers"),
+    (["--image-size", "100", "--stride", "16"], "multiple of stride"),
+], ids=["unknown_segments", "n_0", "workers_0", "stride_mismatch"])
+def test_bad_options_are_usage_errors_before_any_work(tmp_path, extra, words):
+    out, manifests = tmp_path / "out", tmp_path / "manifests"
+    result = run_cli(build_args(out, manifests=manifests) + extra, expect=2)
+    message = all_output(result)
+    assert "Usage:" in message and words in message, message
+    assert not out.exists() and not manifests.exists()
+
+
+COMMAND_OPTIONS = {
+    "build": ["--segments", "--coco-root", "--coco-split", "--n", "--out", "--seed", "--workers", "--objects",
+              "--shard-size", "--blend", "--min-area", "--overwrite", "--manifests-dir", "--no-progress"],
+    "verify": ["--quiet"],
+    "preview": ["--out", "-n", "--seed"],
+    "segments": ["--source", "--coco-root", "--coco-split", "--min-area", "--out"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_OPTIONS))
+def test_help_documents_every_option(command):
+    result = run_cli([command, "--help"])
+    text = result.output
+    assert text.startswith("Usage:") and f" {command} " in text.splitlines()[0]
+    help_lines = {line.strip().split()[0].rstrip(","): line for line in text.splitlines()
+                  if line.strip().startswith("-")}
+    for option in COMMAND_OPTIONS[command]:
+        assert option in help_lines, f"{option} not in `datagen {command} --help`"
+    for param in main.commands[command].params:
+        if isinstance(param, click.Option) and param.name != "help":
+            assert param.help, f"datagen {command} {param.opts[0]} has no help text"
+            assert any(opt in text for opt in param.opts), f"{param.opts} missing from the help"
+
+
+def test_preview_writes_a_page_with_one_image_per_pair(reference, tmp_path):
+    page = tmp_path / "x.html"
+    result = run_cli(["preview", reference, "--out", page, "-n", "5"])
+    assert "5 pairs drawn" in result.output
+    html = page.read_text()
+    assert len(re.findall(r"<img\b", html)) == 5
+    assert all(f"{key}" in html for key in ("000000_000000", "000000_000004"))
+
+
+def test_preview_of_a_directory_without_shards_fails(tmp_path):
+    result = run_cli(["preview", tmp_path, "--out", tmp_path / "x.html"], expect=1)
+    assert "no shard-*.tar" in all_output(result)
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_segments_writes_a_bank(tmp_path):
+    out = tmp_path / "bank"
+    result = run_cli(["segments", "--out", out])
+    summary = json.loads((out / "bank.json").read_text())
+    assert summary["segments"] > 0 and summary["images"] == 60
+    assert f"{summary['segments']} segments, 60 images, {summary['skipped']} skipped" in result.output
+    bank = SegmentBank.load(out)
+    assert len(bank) == summary["segments"]
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    assert len(skipped) == summary["skipped"] and all(row["reason"] for row in skipped)
+
+
+def test_build_without_coco_root_says_it_uses_the_embedded_sample(tmp_path):
+    result = make_runner().invoke(main, [str(a) for a in build_args(tmp_path / "out", n=2, shard_size=2)],
+                                  catch_exceptions=False)
+    assert result.exit_code == 0, all_output(result)
+    assert "embedded sample" in result.stderr
+    assert "embedded sample" not in result.stdout
+    assert "2 pairs in 1 shards" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["n_samples"] == 2
+    assert manifest["inputs"]["segments"]["options"]["root"].endswith("sample_data/coco")
