@@ -16,7 +16,6 @@ from datagen.cli import main
 REFERENCE_N = 20
 REFERENCE_SHARD_SIZE = 5
 REFERENCE_SHARDS = REFERENCE_N // REFERENCE_SHARD_SIZE
-COCO_MINI = Path("/work/shared/data/coco-mini")
 
 
 def make_runner() -> CliRunner:

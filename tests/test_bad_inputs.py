@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import COCO_MINI, all_output, build_args, run_cli, shard_files
+from conftest import all_output, build_args, run_cli, shard_files
+from synthetic import COCO_MINI
 from datagen.manifest import read_sample_rows
 
 pytestmark = pytest.mark.skipif(not (COCO_MINI / "instances.json").is_file(),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ from pycocotools.coco import COCO
 from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
 from datagen.sources import SOURCES, get_source
 from datagen.sources.coco import CocoSource, NotCocoError, coco_paths
+from synthetic import COCO_MINI
 
-COCO_MINI = Path("/work/shared/data/coco-mini")
 ANNOTATIONS = COCO_MINI / "instances.json"
 IMAGES = COCO_MINI / "images"
 MIN_AREA = 1024.0

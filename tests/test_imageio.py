@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from datagen.imageio import BadInput, check_jpeg_complete, load_rgb
+from synthetic import COCO_MINI
 
-COCO_MINI = Path("/work/shared/data/coco-mini")
 JPEG = COCO_MINI / "images" / "000000000009.jpg"  # 640 x 480
 
 

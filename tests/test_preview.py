@@ -12,28 +12,10 @@ from datagen.preview import (GAP, correspondence_points, overlay_mask, render_co
                              write_preview)
 from datagen.schema import PairSample, encode_sample
 from datagen.shards import ShardWriter, sample_key, shard_name
-
-GREY = 128
-
+from synthetic import GREY, shifted_square_pair
 
 def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4) -> PairSample:
-    """Plain grey 64x64 images, a square object moved right by ``shift`` pixels, 4x4 grids."""
-    src = np.full((size, size, 3), GREY, np.uint8)
-    tgt = src.copy()
-    src_mask = np.zeros((size, size), np.uint8)
-    src_mask[16:48, 16:48] = 1
-    tgt_mask = np.roll(src_mask, shift, axis=1)
-    grid_mask = np.zeros((grid, grid), np.float32)
-    grid_mask[1:3, 1:3] = 1.0
-    centres = (np.arange(grid) + 0.5) / grid
-    xs, ys = np.meshgrid(centres, centres)
-    src_to_tgt = np.stack([xs + shift / size, ys], axis=-1).astype(np.float32)
-    tgt_to_src = np.stack([xs - shift / size, ys], axis=-1).astype(np.float32)
-    return PairSample(key=key, src_image=src, tgt_image=tgt, src_mask=src_mask, tgt_mask=tgt_mask,
-                      src_grid_mask=grid_mask, tgt_grid_mask=np.roll(grid_mask, 0, axis=1),
-                      src_to_tgt=src_to_tgt, tgt_to_src=tgt_to_src,
-                      meta={"objects": [{"category": "dog"}], "source_image": {"id": 101},
-                            "background_image": {"id": 202}})
+    return shifted_square_pair(key, shift, size, grid)
 
 
 def test_render_pair_shape_and_type():

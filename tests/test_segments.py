@@ -11,8 +11,8 @@ from pycocotools import mask as mask_utils
 
 from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
 from datagen.sources.coco import CocoSource
+from synthetic import COCO_MINI
 
-COCO_MINI = Path("/work/shared/data/coco-mini")
 BANK_FILES = ("segments.parquet", "images.parquet", "skipped.parquet", "bank.json")
 
 

@@ -10,29 +10,11 @@ import pytest
 from datagen.schema import PairSample, decode_sample, encode_sample
 from datagen.shards import (ShardError, ShardWriter, iter_tar_samples, parse_shard_index, sample_key,
                             sha256_file, shard_name)
+from synthetic import shifted_square_pair
 
 
 def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4, seed: int = 0) -> PairSample:
-    """A 64x64 pair: a square object moved right by ``shift`` pixels, 4x4 grids."""
-    rng = np.random.default_rng(seed)
-    src = np.full((size, size, 3), 120, np.uint8)
-    src[16:40, 16:40] = (200, 60, 40)
-    src = np.clip(src.astype(int) + rng.integers(-5, 6, src.shape), 0, 255).astype(np.uint8)
-    tgt = np.roll(src, shift, axis=1)
-    src_mask = np.zeros((size, size), np.uint8)
-    src_mask[16:40, 16:40] = 1
-    tgt_mask = np.roll(src_mask, shift, axis=1)
-    grid_mask = np.zeros((grid, grid), np.float32)
-    grid_mask[1:3, 1:3] = 1.0
-    centres = (np.arange(grid) + 0.5) / grid
-    xs, ys = np.meshgrid(centres, centres)
-    src_to_tgt = np.stack([xs + shift / size, ys], axis=-1).astype(np.float32)
-    tgt_to_src = np.stack([xs - shift / size, ys], axis=-1).astype(np.float32)
-    return PairSample(key=key, src_image=src, tgt_image=tgt, src_mask=src_mask, tgt_mask=tgt_mask,
-                      src_grid_mask=grid_mask, tgt_grid_mask=np.roll(grid_mask, 0, axis=1),
-                      src_to_tgt=src_to_tgt, tgt_to_src=tgt_to_src,
-                      meta={"objects": [{"category": "cat"}], "source_image_id": 7,
-                            "background_image_id": 9})
+    return shifted_square_pair(key, shift, size, grid, square=(16, 40), seed=seed, category="cat")
 
 
 def write_shard(path, samples, quality=90):
