@@ -8,7 +8,8 @@ both directions, with cycle-consistent soft masks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -44,12 +45,10 @@ class Rejected(Exception):
 class StageTimer:
     """Seconds spent per stage, accumulated over many pairs (for benchmarks and logs)."""
 
-    seconds: dict
-
-    def __init__(self):
-        self.seconds = {}
+    seconds: dict = field(default_factory=dict)
 
     def add(self, stage: str, start: float) -> float:
+        """Add the time since ``start`` to ``stage``; returns now, the next stage's start."""
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - start
         return now
@@ -161,15 +160,13 @@ class PairBuilder:
         self.image_root = image_root
         self.config = config
         self.timer = StageTimer()
-        images = bank.images
-        self._declared_sizes = {int(i): (int(w), int(h)) for i, w, h in zip(images.image_ids, images.widths, images.heights)}
 
     def _load(self, image_id: int) -> np.ndarray:
-        path = self.bank.image_path(image_id)
-        width, height = self._declared_sizes[image_id]
+        """The image as (H, W, 3) uint8 RGB, checked against its declared size."""
         try:
-            return load_rgb(self.image_root / path, min_side=self.config.min_image_side,
-                            max_pixels=self.config.max_image_pixels, expected_size=(width, height))
+            return load_rgb(Path(self.image_root) / self.bank.image_path(image_id),
+                            min_side=self.config.min_image_side, max_pixels=self.config.max_image_pixels,
+                            expected_size=self.bank.image_size(image_id))
         except BadInput as error:
             raise Rejected("bad_image", str(error)) from error
 

@@ -288,11 +288,19 @@ class SegmentBank:
 
     def image_path(self, image_id: int) -> str:
         """Path of ``image_id`` relative to the source's image root."""
+        return str(self.images.paths[self._image_row(image_id)])
+
+    def image_size(self, image_id: int) -> tuple[int, int]:
+        """(width, height) in pixels that the source declares for ``image_id``."""
+        row = self._image_row(image_id)
+        return int(self.images.widths[row]), int(self.images.heights[row])
+
+    def _image_row(self, image_id: int) -> int:
         order, sorted_ids = self._image_index
         position = int(np.searchsorted(sorted_ids, image_id))
         if position == len(sorted_ids) or sorted_ids[position] != image_id:
             raise KeyError(f"image id {image_id} is not in bank {self.directory}")
-        return str(self.images.paths[order[position]])
+        return int(order[position])
 
     def _check_index(self, row_index: int) -> int:
         if not 0 <= row_index < len(self):

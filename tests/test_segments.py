@@ -97,6 +97,7 @@ def test_lookups(items, bank):
         assert bank.segments_of_image(image.image_id).tolist() == rows_of_image.get(image.image_id, [])
         assert bank.categories_of_image(image.image_id) == frozenset(categories_of_image.get(image.image_id, ()))
         assert bank.image_path(image.image_id) == image.image_path
+        assert bank.image_size(image.image_id) == (image.width, image.height)
     backgrounds = [image.image_id for image in of_type(items, ImageRow) if image.image_id not in rows_of_image]
     assert backgrounds and bank.segments_of_image(backgrounds[0]).size == 0
     assert bank.categories_of_image(backgrounds[0]) == frozenset()
