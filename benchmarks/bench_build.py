@@ -14,7 +14,6 @@ these stages on this kind of machine, 45 % of it in cv2.seamlessClone; 104 KB pe
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import cv2
-import webdataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,6 +30,7 @@ from datagen.pairs import PairBuilder, Rejected  # noqa: E402
 from datagen.sampling import Sampler, attempt_rng  # noqa: E402
 from datagen.schema import encode_sample  # noqa: E402
 from datagen.segments import SegmentBank, write_bank  # noqa: E402
+from datagen.shards import ShardWriter  # noqa: E402
 from datagen.sources.coco import CocoSource  # noqa: E402
 
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
@@ -46,10 +45,14 @@ def source_paths(data: str) -> tuple[Path, Path]:
 
 
 def run(builder: PairBuilder, sampler: Sampler, pairs: int, objects: int, quality: int) -> dict:
-    """Build until ``pairs`` are accepted; returns per-stage seconds, counts and bytes."""
+    """Build until ``pairs`` are accepted into a shard in a temporary folder; returns per-stage
+    seconds, counts and bytes."""
     builder.timer.seconds.clear()
-    sink = io.BytesIO()
-    writer = webdataset.TarWriter(sink, encoder=False, mtime=0)
+    with tempfile.TemporaryDirectory() as tmp, ShardWriter(Path(tmp) / "shard-000000.tar") as writer:
+        return _run(builder, sampler, pairs, objects, quality, writer)
+
+
+def _run(builder, sampler, pairs, objects, quality, writer) -> dict:
     accepted = attempts = 0
     encode = 0.0
     started = time.perf_counter()
@@ -67,7 +70,7 @@ def run(builder: PairBuilder, sampler: Sampler, pairs: int, objects: int, qualit
     total = time.perf_counter() - started
     stages = dict(builder.timer.seconds, **{"encode/write": encode})
     return {"total": total, "stages": stages, "accepted": accepted, "attempts": attempts,
-            "bytes": sink.tell()}
+            "bytes": writer.member_bytes}
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
 """Writing and reading WebDataset tar shards.
 
-A shard is a plain (uncompressed, USTAR) tar written by ``webdataset.TarWriter`` with fixed
-owner, mode and mtime, so the same samples always give the same bytes. It is written to
+A shard is a plain (uncompressed, USTAR) tar in WebDataset's layout (members ``<key>.<field>``,
+a sample's fields in sorted order, as ``webdataset.TarWriter`` writes them) with fixed owner,
+mode and mtime, so the same samples always give the same bytes. It is written with the stdlib
+``tarfile`` module: importing webdataset imports torch (seconds and hundreds of MB in every
+build worker), which data generation has no use for. It is written to
 ``<path>.tmp`` and renamed to ``<path>`` only once complete: a file named ``shard-*.tar``
 is never half written. Reading uses the stdlib ``tarfile`` module only (no decoding, no
 unpickling): members are grouped by key into ``{"__key__": key, field: bytes}`` dicts.
@@ -9,13 +12,12 @@ unpickling): members are grouped by key into ``{"__key__": key, field: bytes}`` 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
-
-import webdataset
 
 SHARD_DIGITS = 6
 MAX_INDEX = 10 ** SHARD_DIGITS - 1
@@ -142,8 +144,7 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.tmp_path, "wb")
         self._hashing = _HashingFile(self._handle)
-        self._tar = webdataset.TarWriter(self._hashing, encoder=False, mtime=TAR_MTIME,
-                                         user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.USTAR_FORMAT)
         return self
 
     def write(self, members: dict) -> int:
@@ -163,7 +164,14 @@ class ShardWriter:
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise ValueError(f"shard {self.path}: sample {key}: field {field} is "
                                  f"{type(value).__name__}, expected bytes")
-        size = self._tar.write(members)
+        size = 0
+        for field in sorted(name for name in members if name != "__key__"):
+            data = bytes(members[field])
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
+            info.uname, info.gname = TAR_USER, TAR_GROUP
+            self._tar.addfile(info, io.BytesIO(data))
+            size += len(data)
         self._keys.add(key)
         self.count += 1
         self.member_bytes += size
