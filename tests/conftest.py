@@ -87,3 +87,13 @@ def reference_copy(reference, tmp_path) -> Path:
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
     return out
+
+
+def pytest_configure(config):
+    """One torch thread: on a small shared machine more threads than free cores slow the CPU
+    forward passes of the trainer tests tenfold."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

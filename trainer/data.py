@@ -1,26 +1,41 @@
-"""Reading datagen shards on the training side, through the schema module both sides share.
+"""Streaming datagen shards into training batches, through the schema module both sides share.
 
-Samples are decoded with :func:`datagen.schema.decode_sample` only: raw bytes in, arrays out,
-nothing is ever unpickled.
+Shards are read with webdataset's tar streaming; samples are decoded only by
+:func:`datagen.schema.decode_sample` (raw bytes in, arrays out: nothing is ever unpickled).
+Each epoch visits the shards in a new order (seeded by the run seed and the epoch), samples
+pass through a shuffle buffer, and every loader worker reads its own share of the shards. A
+corrupt shard or sample is skipped with a warning and counted; training goes on.
 """
 from __future__ import annotations
 
-from collections import Counter
+import random
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import webdataset
+import cv2
+import numpy as np
+import torch
+from braceexpand import braceexpand
 
 from datagen.manifest import load_manifest
-from datagen.schema import PairSample, decode_sample
+from datagen.pairs import recompute_grids
+from datagen.schema import PairSample, SchemaError, decode_sample
+
+from .config import TrainConfig
 
 
 def shard_urls(shards) -> list[str]:
     """Shard paths from a directory (its manifest.json if present, else its shard-*.tar), a
-    manifest.json, a single .tar, or a list of those."""
+    manifest.json (whose schema version is checked), a brace pattern such as
+    ``shards/shard-{000000..000009}.tar``, a single .tar, or a list of those."""
     if isinstance(shards, (list, tuple)):
         return [url for item in shards for url in shard_urls(item)]
-    path = Path(shards)
+    text = str(shards)
+    if "{" in text:
+        return [url for expanded in braceexpand(text) for url in shard_urls(expanded)]
+    path = Path(text)
     if path.is_dir() and (path / "manifest.json").is_file():
         path = path / "manifest.json"
     if path.name.endswith(".json"):
@@ -33,18 +48,191 @@ def shard_urls(shards) -> list[str]:
         return urls
     if path.suffix == ".tar" and path.is_file():
         return [str(path)]
-    raise FileNotFoundError(f"not a shard directory, manifest or .tar: {path}")
+    raise FileNotFoundError(f"not a shard directory, manifest, brace pattern or .tar: {text}")
+
+
+def dataset_fingerprint(shards) -> str | None:
+    """The manifest's fingerprint when ``shards`` names a directory or manifest that has one."""
+    path = Path(str(shards)) if not isinstance(shards, (list, tuple)) else None
+    if path is None:
+        return None
+    if path.is_dir():
+        path = path / "manifest.json"
+    if path.name.endswith(".json") and path.is_file():
+        return load_manifest(path)["fingerprint"]
+    return None
+
+
+def iter_raw(urls: list[str], on_error) -> Iterator[dict]:
+    """Raw samples ``{"__key__": ..., field: bytes}`` of the tar files at ``urls`` in order.
+
+    ``on_error(url, exception)`` is called for a shard that cannot be read; the stream goes on
+    with the next shard (a truncated shard yields its complete samples first).
+    """
+    import webdataset.tariterators as tariterators
+
+    for url in urls:
+        try:
+            stream = open(url, "rb")
+        except OSError as error:
+            on_error(url, error)
+            continue
+        with stream:
+            source = [{"url": url, "stream": stream}]
+            try:
+                for sample in tariterators.group_by_keys(tariterators.tar_file_expander(source)):
+                    yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            except Exception as error:  # noqa: BLE001 - a corrupt shard is skipped, not fatal
+                on_error(url, error)
+
+
+@dataclass
+class Example:
+    """One training pair as arrays: images (H, W, 3) uint8 RGB; masks (1, h, w) float32;
+    flows (2, h, w) float32, x then y normalised to [0, 1] of the other image; ``tgt_hide``
+    (h, w) bool, True = target token hidden from attention."""
+
+    key: str
+    src_image: np.ndarray
+    tgt_image: np.ndarray
+    src_mask: np.ndarray
+    tgt_mask: np.ndarray
+    src_to_tgt: np.ndarray
+    tgt_to_src: np.ndarray
+    tgt_hide: np.ndarray
+
+
+def to_example(sample: PairSample, config: TrainConfig, rng: random.Random) -> Example:
+    """A decoded sample as a training example: stylised or plain image (each with probability
+    ``style_prob``), roles swapped with probability ``swap_prob``, images resized to the
+    config's size and grids recomputed from the stored warps when the network's grid differs,
+    target tokens outside the target mask hidden with probability ``hide_prob``."""
+    grid = (config.grid_size, config.grid_size)
+    if sample.src_grid_mask.shape != grid:
+        fields = recompute_grids(sample, grid)
+        src_mask, tgt_mask = fields["src_grid_mask"], fields["tgt_grid_mask"]
+        src_to_tgt, tgt_to_src = fields["src_to_tgt"], fields["tgt_to_src"]
+    else:
+        src_mask, tgt_mask = sample.src_grid_mask, sample.tgt_grid_mask
+        src_to_tgt, tgt_to_src = sample.src_to_tgt, sample.tgt_to_src
+
+    def pick(plain, stylised):
+        image = stylised if stylised is not None and rng.random() < config.style_prob else plain
+        if image.shape[:2] != (config.image_size, config.image_size):
+            image = cv2.resize(image, (config.image_size, config.image_size), interpolation=cv2.INTER_AREA)
+        return image
+
+    src_image = pick(sample.src_image, sample.src_style_image)
+    tgt_image = pick(sample.tgt_image, sample.tgt_style_image)
+    if rng.random() < config.swap_prob:
+        src_image, tgt_image = tgt_image, src_image
+        src_mask, tgt_mask = tgt_mask, src_mask
+        src_to_tgt, tgt_to_src = tgt_to_src, src_to_tgt
+    hide = rng.random() < config.hide_prob
+    return Example(
+        key=sample.key,
+        src_image=np.ascontiguousarray(src_image),
+        tgt_image=np.ascontiguousarray(tgt_image),
+        src_mask=src_mask[None].astype(np.float32),
+        tgt_mask=tgt_mask[None].astype(np.float32),
+        src_to_tgt=np.ascontiguousarray(src_to_tgt.transpose(2, 0, 1), dtype=np.float32),
+        tgt_to_src=np.ascontiguousarray(tgt_to_src.transpose(2, 0, 1), dtype=np.float32),
+        tgt_hide=(tgt_mask < 0.5) if hide else np.zeros(tgt_mask.shape, bool),
+    )
+
+
+def collate(examples: list[Example], skipped: int) -> dict:
+    """Stack examples into a batch of tensors (images stay uint8; the trainer normalises them)."""
+    batch = {name: torch.from_numpy(np.stack([getattr(e, name) for e in examples]))
+             for name in ("src_image", "tgt_image", "src_mask", "tgt_mask", "src_to_tgt", "tgt_to_src",
+                          "tgt_hide")}
+    batch["keys"] = [e.key for e in examples]
+    batch["skipped"] = skipped
+    return batch
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """An endless stream of batches of ``config.positives`` examples.
+
+    Epoch ``e`` visits the shards in the order of ``Random((seed, start_epoch + e))``, split
+    between loader workers; samples go through a buffer of ``config.shuffle_buffer``. Each batch
+    carries ``skipped``: how many shards or samples this worker skipped since its last batch.
+    """
+
+    def __init__(self, urls: list[str], config: TrainConfig, start_epoch: int = 0, batch_size: int | None = None):
+        super().__init__()
+        if not urls:
+            raise ValueError("no shards to train on")
+        self.urls = list(urls)
+        self.config = config
+        self.start_epoch = start_epoch
+        self.batch_size = batch_size or config.positives
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = random.Random(f"{self.config.seed}:{self.start_epoch}:{worker}")
+        skipped = 0
+
+        def on_error(where, error):
+            nonlocal skipped
+            skipped += 1
+            print(f"warning: skipping {where}: {error}", file=sys.stderr)
+
+        buffer: list[Example] = []
+        batch: list[Example] = []
+        epoch = self.start_epoch
+        while True:
+            order = list(self.urls)
+            random.Random(f"{self.config.seed}:epoch:{epoch}").shuffle(order)
+            mine = order[worker::workers] or order[worker % len(order)::len(order)]
+            seen = 0
+            for members in iter_raw(mine, on_error):
+                try:
+                    example = to_example(decode_sample(members), self.config, rng)
+                except (SchemaError, KeyError, ValueError) as error:
+                    on_error(f"sample {members.get('__key__', '?')}", error)
+                    continue
+                seen += 1
+                buffer.append(example)
+                if len(buffer) < self.config.shuffle_buffer:
+                    continue
+                batch.append(buffer.pop(rng.randrange(len(buffer))))
+                if len(batch) == self.batch_size:
+                    yield collate(batch, skipped)
+                    batch, skipped = [], 0
+            if seen == 0 and not buffer:
+                raise RuntimeError(f"worker {worker}: no readable sample in {len(mine)} shards")
+            rng.shuffle(buffer)
+            while len(buffer) > self.config.shuffle_buffer // 2:
+                batch.append(buffer.pop())
+                if len(batch) == self.batch_size:
+                    yield collate(batch, skipped)
+                    batch, skipped = [], 0
+            epoch += 1
+
+
+def make_loader(shards, config: TrainConfig, workers: int, start_epoch: int = 0,
+                batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process)."""
+    stream = PairStream(shard_urls(shards), config, start_epoch, batch_size)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
 
 def iter_samples(shards) -> Iterator[PairSample]:
-    """Decoded samples of ``shards`` in stored order."""
-    dataset = webdataset.WebDataset(shard_urls(shards), shardshuffle=False, empty_check=False)
-    for members in dataset:
-        yield decode_sample({k: v for k, v in members.items() if k != "__url__"})
+    """Decoded samples of ``shards`` in stored order (for evaluation and inspection)."""
+    def fail(where, error):
+        raise ValueError(f"cannot read {where}: {error}") from error
+
+    for members in iter_raw(shard_urls(shards), fail):
+        yield decode_sample(members)
 
 
 def summarise(shards) -> dict:
     """Counts of a shard set: samples, objects per pair, grid and image shapes."""
+    from collections import Counter
+
     objects, grids, images = Counter(), Counter(), Counter()
     for sample in iter_samples(shards):
         objects[len(sample.meta["objects"])] += 1

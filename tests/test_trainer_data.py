@@ -1,0 +1,92 @@
+"""The trainer's shard stream: shard lists, examples, shuffling, corrupt shards."""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from datagen.pairs import recompute_grids
+from datagen.shards import shard_name
+from trainer.config import TrainConfig
+from trainer.data import PairStream, iter_samples, shard_urls, to_example
+
+
+def test_shard_urls_from_directory_manifest_pattern_and_list(reference):
+    names = [str(reference / shard_name(k)) for k in range(4)]
+    assert shard_urls(reference) == names
+    assert shard_urls(reference / "manifest.json") == names
+    assert shard_urls(str(reference / "shard-{000001..000002}.tar")) == names[1:3]
+    assert shard_urls([names[3], names[0]]) == [names[3], names[0]]
+
+
+def test_a_manifest_of_another_schema_version_is_refused(reference, tmp_path):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="schema"):
+        shard_urls(tmp_path / "manifest.json")
+
+
+def test_missing_shards_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        shard_urls(tmp_path)
+
+
+def test_example_roles_swap_with_all_their_fields(reference):
+    sample = next(iter_samples(reference))
+    config = TrainConfig(swap_prob=1.0, style_prob=0.0, hide_prob=0.0)
+    example = to_example(sample, config, random.Random(0))
+    assert np.array_equal(example.src_image, sample.tgt_image)
+    assert np.array_equal(example.src_mask[0], sample.tgt_grid_mask)
+    assert np.array_equal(example.src_to_tgt, sample.tgt_to_src.transpose(2, 0, 1))
+    assert np.array_equal(example.tgt_to_src, sample.src_to_tgt.transpose(2, 0, 1))
+    assert not example.tgt_hide.any()
+
+
+def test_hidden_tokens_are_the_target_cells_outside_its_mask(reference):
+    sample = next(iter_samples(reference))
+    example = to_example(sample, TrainConfig(swap_prob=0.0, hide_prob=1.0), random.Random(0))
+    assert np.array_equal(example.tgt_hide, sample.tgt_grid_mask < 0.5)
+
+
+def test_another_network_grid_is_recomputed_from_the_stored_warps(reference):
+    sample = next(iter_samples(reference))
+    config = TrainConfig(image_size=96, swap_prob=0.0)
+    example = to_example(sample, config, random.Random(0))
+    assert example.src_image.shape == (96, 96, 3)
+    expected = recompute_grids(sample, (6, 6))
+    assert np.array_equal(example.src_to_tgt, expected["src_to_tgt"].transpose(2, 0, 1))
+    assert np.array_equal(example.tgt_mask[0], expected["tgt_grid_mask"])
+
+
+def small_stream(shards, **overrides):
+    config = TrainConfig(positives=2, image_size=96, shuffle_buffer=4, **overrides)
+    return PairStream(shard_urls(shards), config)
+
+
+def test_each_epoch_visits_the_shards_in_a_new_order(reference):
+    stream = small_stream(reference)
+    batches = iter(stream)
+    keys = [key for _ in range(40) for key in next(batches)["keys"]]  # 80 samples: 4 epochs of 20
+    epochs = [keys[i:i + 20] for i in range(0, 80, 20)]
+    shard_order = [[k.split("_")[0] for k in epoch] for epoch in epochs]
+    firsts = {tuple(dict.fromkeys(order)) for order in shard_order}
+    assert len(firsts) > 1  # not the same shard order every epoch
+    assert sorted(set(keys)) == sorted({k for epoch in epochs for k in epoch})
+    assert len(set(keys)) == 20  # every sample is seen
+
+
+def test_a_corrupt_shard_is_skipped_counted_and_training_goes_on(reference, tmp_path, capsys):
+    for k in range(4):
+        shutil.copy(reference / shard_name(k), tmp_path / shard_name(k))
+    data = (tmp_path / shard_name(1)).read_bytes()
+    (tmp_path / shard_name(1)).write_bytes(data[:len(data) // 3])  # truncated mid-sample
+    (tmp_path / shard_name(2)).write_bytes(b"this is not a tar file" * 100)
+    stream = small_stream([str(tmp_path / shard_name(k)) for k in range(4)])
+    batches = iter(stream)
+    seen = [next(batches) for _ in range(12)]
+    assert sum(batch["skipped"] for batch in seen) >= 2
+    keys = {key for batch in seen for key in batch["keys"]}
+    assert any(key.startswith("000000_") for key in keys) and any(key.startswith("000003_") for key in keys)
+    assert shard_name(2) in capsys.readouterr().err
