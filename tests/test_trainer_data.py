@@ -9,7 +9,7 @@ import pytest
 from datagen.pairs import recompute_grids
 from datagen.shards import shard_name
 from trainer.config import TrainConfig
-from trainer.data import PairStream, iter_samples, shard_urls, to_example
+from trainer.data import PairStream, iter_samples, make_loader, shard_urls, to_example
 
 
 def test_shard_urls_from_directory_manifest_pattern_and_list(reference):
@@ -90,3 +90,12 @@ def test_a_corrupt_shard_is_skipped_counted_and_training_goes_on(reference, tmp_
     keys = {key for batch in seen for key in batch["keys"]}
     assert any(key.startswith("000000_") for key in keys) and any(key.startswith("000003_") for key in keys)
     assert shard_name(2) in capsys.readouterr().err
+
+
+def test_loader_workers_share_the_shards(reference):
+    config = TrainConfig(positives=2, image_size=96, shuffle_buffer=2)
+    loader = make_loader(reference, config, workers=2)
+    keys = set()
+    for batch, _ in zip(loader, range(20)):
+        keys.update(batch["keys"])
+    assert {key.split("_")[0] for key in keys} == {"000000", "000001", "000002", "000003"}

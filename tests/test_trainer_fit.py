@@ -48,7 +48,7 @@ def test_learning_rate_warms_up_then_drops_at_the_milestone():
 
 
 def test_a_few_dozen_steps_lower_the_loss(reference, tmp_path):
-    trainer = make_trainer(reference, tmp_path)
+    trainer = make_trainer(reference, tmp_path, image_every=15)
     batch = fixed_batch(reference)
     before = held_loss(trainer, batch)
     metrics = trainer.fit()
@@ -56,7 +56,8 @@ def test_a_few_dozen_steps_lower_the_loss(reference, tmp_path):
     assert held_loss(trainer, batch) < 0.8 * before
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,loss") and len(lines) == 1 + SMALL.steps // 5
-    assert any((tmp_path / "tensorboard").iterdir())
+    events = list((tmp_path / "tensorboard").iterdir())
+    assert events and b"train/prediction" in events[0].read_bytes()  # the picture was logged
 
 
 def test_one_batch_can_be_overfitted(reference, tmp_path):
@@ -103,6 +104,13 @@ def test_resume_refuses_a_checkpoint_of_another_config_unless_forced(reference, 
     assert other.step == 2
 
 
+def test_a_new_run_does_not_overwrite_an_existing_checkpoint(reference, tmp_path):
+    make_trainer(reference, tmp_path, config=TrainConfig(**{**SMALL.__dict__, "steps": 1})).fit()
+    again = make_trainer(reference, tmp_path, config=TrainConfig(**{**SMALL.__dict__, "steps": 1}))
+    with pytest.raises(ResumeError, match="--resume"):
+        again.fit()
+
+
 def test_sigterm_writes_a_checkpoint_and_stops(reference, tmp_path, monkeypatch):
     trainer = make_trainer(reference, tmp_path)
     original = trainer.train_step
@@ -129,6 +137,7 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoints_are_loaded_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

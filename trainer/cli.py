@@ -123,5 +123,87 @@ def inspect(shards):
         click.echo(f"{key}: {value}")
 
 
+_CKPT_TYPE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_DEVICE_HELP = "'auto' (CUDA if present, else the CPU), 'cpu', 'cuda', 'cuda:1'."
+
+
+def _inference_errors():
+    """The errors of reading checkpoints, shards and images, named by their file."""
+    from datagen.imageio import BadInput
+
+    from .loop import ResumeError
+
+    return (ResumeError, BadInput, FileNotFoundError, ValueError)
+
+
+@main.command("eval")
+@click.option("--shards", required=True,
+              help="Validation shards: a shard directory (its manifest.json is checked), manifest.json, brace "
+                   "pattern ('val/shard-{000000..000009}.tar') or .tar file. Read in stored order.")
+@click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True,
+              help="Checkpoint written by 'trainer fit' (checkpoint.pt); it holds the config, the network and the "
+                   "backbone weights. Images are resized to its image size.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None,
+              help="Evaluate only the first this many samples. Default: all of them.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Pairs per forward pass (memory vs speed; the metrics do not depend on it).")
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the metrics (and the checkpoint, step and shards) to this JSON file.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def eval_command(shards, checkpoint, max_samples, batch, device, json_path, no_progress):
+    """Evaluate a checkpoint on held-out shards.
+
+    Each sample is used without style, role swap or hidden tokens. Negatives pair sample i's source
+    with sample i+1's target (cyclically). Prints: mask IoU on positives (prediction > 0.5 vs ground
+    truth > 0.5, mean over images of the per-image IoU); the mean predicted mask on negatives; the
+    correspondence error on positives (Euclidean distance in grid cells over ground-truth mask cells,
+    both directions) and the share of those cells within one cell; the average precision of the Eq. 3
+    pair score separating positives from negatives.
+    """
+    from .evaluate import evaluate_checkpoint, format_table, json_ready
+
+    try:
+        metrics = evaluate_checkpoint(checkpoint, shards, max_samples=max_samples, batch=batch, device=device,
+                                      progress=not no_progress)
+    except _inference_errors() as error:
+        _fail(error)
+    click.echo(f"checkpoint {checkpoint} (step {metrics['step']}, image size {metrics['image_size']}) on {shards}")
+    click.echo(format_table(metrics))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(json_ready(metrics), indent=2, sort_keys=True) + "\n")
+        click.echo(f"metrics written to {json_path}")
+
+
+@main.command()
+@click.argument("image_a", type=click.Path(path_type=Path))
+@click.argument("image_b", type=click.Path(path_type=Path))
+@click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True,
+              help="Checkpoint written by 'trainer fit' (checkpoint.pt).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory: pair.png (both images at the network's size with predicted masks and "
+                   "correspondence lines), masks.png (the two predicted masks, greyscale, at each image's own "
+                   "size, side by side), result.json (score, checkpoint and step, images, mean mask of each).")
+@click.option("--lines", "n_lines", type=click.IntRange(min=0), default=24, show_default=True,
+              help="Correspondence lines drawn in pair.png (from source cells whose predicted mask > 0.5).")
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+def predict(image_a, image_b, checkpoint, out_dir, n_lines, device):
+    """Find the pattern shared by IMAGE_A (source) and IMAGE_B (target) with a trained checkpoint.
+
+    Images of any size and format OpenCV reads are resized to the checkpoint's image size. Prints the
+    Eq. 3 pair score: the sum over source cells of mask(source) x mask(target at the correspondence) x
+    feature cosine, in grid cells (higher means more shared content).
+    """
+    from .predict import predict_files
+
+    try:
+        result = predict_files(image_a, image_b, checkpoint, out_dir, device=device, n_lines=n_lines)
+    except _inference_errors() as error:
+        _fail(error)
+    click.echo(f"score {result['score']:.4f} (of at most {result['score_max']}); mean mask "
+               f"{result['mask_mean'][0]:.3f} / {result['mask_mean'][1]:.3f}; written to {out_dir}")
+
+
 if __name__ == "__main__":
     main()

@@ -170,6 +170,7 @@ class Trainer:
             "config_hash": train_config_hash(self.config),
             "dataset_fingerprint": self.fingerprint,
             "backbone": self.backbone_record,
+            "backbone_state": self.backbone.state_dict(),
             "rng": rng_state(),
         }, self.checkpoint_path)
         return self.checkpoint_path
@@ -207,6 +208,8 @@ class Trainer:
             self.restore(self.checkpoint_path, options.force)
         elif options.resume:
             raise ResumeError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        elif self.checkpoint_path.is_file():
+            raise ResumeError(f"{self.checkpoint_path} exists: continue it with --resume, or use another --out")
         loader = make_loader(self.shards, self.config, options.workers, start_epoch=self.step)
         logger = MetricsLogger(self.run_dir, resume=options.resume)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -254,6 +257,22 @@ class Trainer:
             tgt_feat = self.features(batch["tgt_image"][:1])
             src_out, tgt_out = self.model(src_feat, tgt_feat)
         return src_out[0].float().cpu(), tgt_out[0].float().cpu()
+
+
+def load_for_inference(path, device: str = "auto") -> tuple:
+    """(config, backbone, model) of a checkpoint, in eval mode on ``device``: the checkpoint holds
+    the frozen backbone's weights too, so evaluation and prediction need no other file."""
+    state = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(state["config"])
+        backbone = Backbone()
+        backbone.load_state_dict(state["backbone_state"])
+        model = build_model(config)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise ResumeError(f"{path}: not a trainer checkpoint ({error})") from error
+    target = pick_device(device)
+    return config, backbone.to(target).eval(), model.to(target).eval()
 
 
 class MetricsLogger:

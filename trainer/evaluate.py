@@ -1,0 +1,300 @@
+"""Held-out evaluation of a trained network on datagen shards.
+
+Every validation sample is read in stored order and turned into an example deterministically
+(no style, no role swap, no hidden tokens; images resized and grids recomputed to the
+checkpoint's ``image_size`` exactly as in training, by :func:`trainer.data.to_example`). The
+network sees each positive pair, and one negative pair per sample: sample i's source with
+sample i+1's target (cyclically, the last sample's source with the first sample's target).
+
+Metrics (the pure functions below do the maths, numpy or torch in, floats out):
+
+- ``mask_iou``: on positives, predicted mask > 0.5 against ground-truth grid mask > 0.5, one IoU
+  per image (source and target of every pair), then the mean over images. An image where both
+  are empty counts as 1 (agreement); ``empty_gt_images`` says how many images had no cell > 0.5.
+- ``neg_mask_mean``: the mean predicted mask over all cells of both images of the negatives
+  (lower is better).
+- ``corr_error``: on positives, |predicted - ground truth| correspondence as a Euclidean distance
+  in grid cells of the other image, over the cells where the ground-truth mask is > 0.5, both
+  directions (source to target and target to source), pooled over all those cells of all pairs;
+  ``corr_within_1``: the share of those cells with a distance <= 1 cell.
+- ``score_ap``: average precision of the Eq. 3 pair score (:func:`trainer.score.pair_score` with
+  the predicted masks, the predicted source-to-target correspondences and the backbone features)
+  ranking the positives (label 1) above the negatives (label 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backbone import normalise
+from .config import TrainConfig
+from .score import pair_score
+
+METRIC_NAMES = ("mask_iou", "neg_mask_mean", "corr_error", "corr_within_1", "score_ap")
+
+
+# -- the maths ----------------------------------------------------------------------------------
+
+def _numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def mask_iou(pred, truth, threshold: float = 0.5) -> float:
+    """IoU of ``pred > threshold`` and ``truth > threshold`` (same shape; one image). Both empty: 1."""
+    pred, truth = _numpy(pred), _numpy(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask_iou: shapes differ, {pred.shape} vs {truth.shape}")
+    a, b = pred > threshold, truth > threshold
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def mean_mask_iou(preds, truths, threshold: float = 0.5) -> float:
+    """Mean over images of the per-image :func:`mask_iou`; ``preds``/``truths`` (B, [1,] h, w)."""
+    preds, truths = _numpy(preds), _numpy(truths)
+    if preds.shape != truths.shape or preds.ndim < 3:
+        raise ValueError(f"mean_mask_iou expects two (B, [1,] h, w) arrays of one shape, "
+                         f"got {preds.shape} and {truths.shape}")
+    return float(np.mean([mask_iou(p, t, threshold) for p, t in zip(preds, truths)]))
+
+
+def correspondence_distances(pred, truth, truth_mask, other_grid: tuple[int, int] | None = None,
+                             threshold: float = 0.5) -> np.ndarray:
+    """Distances in grid cells between predicted and true correspondences, over mask cells.
+
+    ``pred``, ``truth``: (2, h, w) or (B, 2, h, w), x then y normalised to [0, 1] of the OTHER
+    image; ``truth_mask``: (h, w), (1, h, w) or (B, 1, h, w). ``other_grid``: (h', w') of the
+    other image's grid, which turns x into cells (x * w') and y into cells (y * h'); default: this
+    grid. Returns a 1-D array, one Euclidean distance per cell where ``truth_mask > threshold``.
+    """
+    pred, truth, mask = _numpy(pred), _numpy(truth), _numpy(truth_mask)
+    if pred.ndim == 3:
+        pred, truth = pred[None], truth[None]
+    if pred.shape != truth.shape or pred.ndim != 4 or pred.shape[1] != 2:
+        raise ValueError(f"correspondences must be (B, 2, h, w) or (2, h, w) of one shape, "
+                         f"got {pred.shape} and {truth.shape}")
+    mask = mask.reshape(pred.shape[0], *pred.shape[2:])
+    h_other, w_other = other_grid or pred.shape[2:]
+    dx = (pred[:, 0] - truth[:, 0]) * w_other
+    dy = (pred[:, 1] - truth[:, 1]) * h_other
+    return np.hypot(dx, dy)[mask > threshold]
+
+
+def correspondence_error(distances) -> dict:
+    """``{"mean", "within_1", "cells"}`` of distances in cells (NaN means when there are none)."""
+    distances = _numpy(distances).ravel()
+    if distances.size == 0:
+        return {"mean": float("nan"), "within_1": float("nan"), "cells": 0}
+    return {"mean": float(distances.mean()), "within_1": float((distances <= 1.0).mean()),
+            "cells": int(distances.size)}
+
+
+def average_precision(scores, labels) -> float:
+    """Average precision of ``scores`` ranking label 1 above label 0: the mean over positives of
+    the precision among all items scoring at least as high as that positive (ties count as
+    ranked together, as in scikit-learn). NaN when there is no positive."""
+    scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel().astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"average_precision: {scores.size} scores but {labels.size} labels")
+    if not np.isfinite(scores).all():
+        raise ValueError("average_precision: scores must be finite")
+    if not labels.any():
+        return float("nan")
+    positives = scores[labels]
+    at_least = scores.size - np.searchsorted(np.sort(scores), positives, side="left")
+    positives_at_least = positives.size - np.searchsorted(np.sort(positives), positives, side="left")
+    return float(np.mean(positives_at_least / at_least))
+
+
+# -- running a network on pairs -----------------------------------------------------------------
+
+def eval_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with no style, no role swap and no hidden tokens: the deterministic examples."""
+    return dataclasses.replace(config, style_prob=0.0, swap_prob=0.0, hide_prob=0.0)
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def features(backbone: torch.nn.Module, images_uint8) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (numpy or tensor) -> (B, 1024, H/16, W/16) float32 features, on the backbone's device."""
+    return backbone(normalise(images_uint8).to(device_of(backbone))).float()
+
+
+@torch.no_grad()
+def run_pair(model: torch.nn.Module, src_feat: torch.Tensor, tgt_feat: torch.Tensor) -> tuple:
+    """(src_out, tgt_out, score): the network's outputs (B, 3, h, w) and the Eq. 3 score (B,)."""
+    src_out, tgt_out = model(src_feat, tgt_feat)
+    src_out, tgt_out = src_out.float(), tgt_out.float()
+    score = pair_score(src_out[:, 2:3], tgt_out[:, 2:3], src_out[:, :2], src_feat, tgt_feat)
+    return src_out, tgt_out, score
+
+
+def _chunks(shards, config: TrainConfig, batch: int, max_samples: int | None):
+    """Lists of at most ``batch`` deterministic examples, in stored order."""
+    from .data import iter_samples, to_example
+
+    deterministic, rng = eval_config(config), random.Random(0)
+    chunk, seen = [], 0
+    for sample in iter_samples(shards):
+        if max_samples is not None and seen >= max_samples:
+            break
+        chunk.append(to_example(sample, deterministic, rng))
+        seen += 1
+        if len(chunk) == batch:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _sample_count(shards) -> int | None:
+    """The manifest's sample count when ``shards`` is a shard directory or manifest (for the bar)."""
+    from datagen.manifest import load_manifest
+
+    try:
+        path = Path(str(shards))
+        if path.is_dir() or path.name.endswith(".json"):
+            return int(load_manifest(path)["n_samples"])
+    except (ValueError, KeyError, TypeError, OSError):
+        pass
+    return None
+
+
+class _Tally:
+    """Running sums of the evaluation."""
+
+    def __init__(self):
+        self.ious: list[float] = []
+        self.empty_gt = 0
+        self.distances: list[np.ndarray] = []
+        self.neg_mask_means: list[float] = []
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+
+    def positives(self, examples, src_out, tgt_out, score) -> None:
+        stack = lambda name: np.stack([getattr(e, name) for e in examples])  # noqa: E731
+        src_mask, tgt_mask = stack("src_mask"), stack("tgt_mask")
+        for out, mask, corr, other in ((src_out, src_mask, stack("src_to_tgt"), tgt_out),
+                                       (tgt_out, tgt_mask, stack("tgt_to_src"), src_out)):
+            pred = out.cpu().numpy()
+            self.ious += [mask_iou(p, t) for p, t in zip(pred[:, 2:3], mask)]
+            self.empty_gt += int((mask.reshape(len(mask), -1) <= 0.5).all(axis=1).sum())
+            self.distances.append(correspondence_distances(pred[:, :2], corr, mask, tuple(other.shape[2:])))
+        self.scores += score.cpu().tolist()
+        self.labels += [1] * len(examples)
+
+    def negatives(self, src_out, tgt_out, score) -> None:
+        for out in (src_out, tgt_out):
+            self.neg_mask_means += out[:, 2].flatten(1).mean(dim=1).cpu().tolist()
+        self.scores += score.cpu().tolist()
+        self.labels += [0] * len(score)
+
+    def result(self) -> dict:
+        corr = correspondence_error(np.concatenate(self.distances) if self.distances else [])
+        negatives = self.labels.count(0)
+        return {
+            "samples": self.labels.count(1),
+            "negatives": negatives,
+            "mask_iou": float(np.mean(self.ious)) if self.ious else float("nan"),
+            "empty_gt_images": self.empty_gt,
+            "neg_mask_mean": float(np.mean(self.neg_mask_means)) if self.neg_mask_means else float("nan"),
+            "corr_error": corr["mean"],
+            "corr_within_1": corr["within_1"],
+            "corr_cells": corr["cells"],
+            "score_ap": average_precision(self.scores, self.labels) if negatives else float("nan"),
+            "pos_score_mean": _mean([s for s, l in zip(self.scores, self.labels) if l == 1]),
+            "neg_score_mean": _mean([s for s, l in zip(self.scores, self.labels) if l == 0]),
+        }
+
+
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate_model(config: TrainConfig, backbone: torch.nn.Module, model: torch.nn.Module, shards,
+                   max_samples: int | None = None, batch: int = 8, progress: bool = True) -> dict:
+    """The metrics of ``model`` (with its ``backbone`` and training ``config``) on ``shards``.
+
+    Reads the first ``max_samples`` samples (all by default) in stored order, ``batch`` pairs per
+    forward pass, on the device the modules are on; the model is put in eval mode for the run and
+    given back in the mode it had. Returns a dict of floats and counts: see the module docstring.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    was_training = model.training
+    model.eval()
+    tally = _Tally()
+    carry = first_tgt = None  # source features waiting for the next target; the first target
+    total = max_samples if max_samples is not None else _sample_count(shards)
+    try:
+        with tqdm(total=total, unit="pair", desc="eval", disable=not progress, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for examples in _chunks(shards, config, batch, max_samples):
+                src_feat = features(backbone, np.stack([e.src_image for e in examples]))
+                tgt_feat = features(backbone, np.stack([e.tgt_image for e in examples]))
+                tally.positives(examples, *run_pair(model, src_feat, tgt_feat))
+                neg_src = src_feat[:-1] if carry is None else torch.cat([carry, src_feat[:-1]])
+                neg_tgt = tgt_feat[1:] if carry is None else tgt_feat
+                if len(neg_src):
+                    tally.negatives(*run_pair(model, neg_src, neg_tgt))
+                carry = src_feat[-1:]
+                first_tgt = tgt_feat[:1] if first_tgt is None else first_tgt
+                bar.update(len(examples))
+            if tally.labels.count(1) >= 2:  # the last source with the first target closes the cycle
+                tally.negatives(*run_pair(model, carry, first_tgt))
+    finally:
+        model.train(was_training)
+    if not tally.labels:
+        raise ValueError(f"no samples to evaluate in {shards}")
+    return tally.result()
+
+
+def evaluate_checkpoint(checkpoint, shards, max_samples: int | None = None, batch: int = 8,
+                        device: str = "auto", progress: bool = True) -> dict:
+    """:func:`evaluate_model` of a checkpoint (see :func:`trainer.loop.load_for_inference`), with
+    ``checkpoint``, ``step``, ``image_size`` and ``shards`` added to the result."""
+    from .loop import load_checkpoint, load_for_inference
+
+    config, backbone, model = load_for_inference(checkpoint, device)
+    step = load_checkpoint(checkpoint).get("step")
+    metrics = evaluate_model(config, backbone, model, shards, max_samples, batch, progress)
+    return {"checkpoint": str(checkpoint), "step": step, "image_size": config.image_size,
+            "shards": str(shards), **metrics}
+
+
+def format_table(metrics: dict) -> str:
+    """A small aligned table of an evaluation result."""
+    rows = [
+        ("samples (positive pairs)", f"{metrics['samples']}"),
+        ("negative pairs", f"{metrics['negatives']}"),
+        ("mask IoU, positives (mean over images)", _fmt(metrics["mask_iou"])),
+        ("mean predicted mask, negatives (lower is better)", _fmt(metrics["neg_mask_mean"])),
+        ("correspondence error, positives (grid cells)", _fmt(metrics["corr_error"])),
+        ("share of mask cells within 1 cell", _fmt(metrics["corr_within_1"])),
+        ("pair score AP, positives vs negatives", _fmt(metrics["score_ap"])),
+        ("mean score, positives / negatives",
+         f"{_fmt(metrics['pos_score_mean'])} / {_fmt(metrics['neg_score_mean'])}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def json_ready(metrics: dict) -> dict:
+    """``metrics`` with NaN replaced by None (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
