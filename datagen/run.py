@@ -8,7 +8,6 @@ missing shards, and a larger ``n`` adds shards (and refills a last, partial shar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -37,7 +36,7 @@ from .pairs import PairBuilder, Rejected
 from .sampling import Sampler, attempt_rng, objects_for_attempt
 from .schema import encode_sample
 from .segments import SegmentBank, write_bank
-from .shards import ShardWriter, parse_shard_index, sample_key, shard_name
+from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
 from .sources import get_source
 
 BANK_DIR = "bank"
@@ -59,21 +58,13 @@ class SourceSpec:
         return {"name": self.name, "options": {k: str(v) for k, v in sorted(self.options.items())}}
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def open_source(spec: SourceSpec, config: BuildConfig) -> tuple:
     """(source, inputs record without bank counts): the source is loaded and its annotations hashed."""
     source = get_source(spec.name, min_area=config.min_area, **spec.options)
     record = {
         "source": spec.to_json(),
         "min_area": config.min_area,
-        "annotations_sha256": sha256_of(source.annotations_path),
+        "annotations_sha256": sha256_file(source.annotations_path),
         "image_root": str(Path(source.images_dir).resolve()),
     }
     return source, record

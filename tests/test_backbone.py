@@ -1,6 +1,7 @@
 """trainer.backbone: weights loading (MoCo-v2, torchvision, timm), refusal of bad files, discovery, freezing."""
 from __future__ import annotations
 
+import hashlib
 import pickle
 import warnings
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_torchvision_state_dict_loads_without_batch_counters(tmp_path, resnet50_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # real weights load silently
         record = _check_loaded(path, "torchvision", resnet50_state["conv1.weight"], images, random_features)
-    assert record["sha256"] == bb._sha256(path)
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_timm_state_dict_loads(tmp_path, resnet50_state, images, random_features):

@@ -6,7 +6,6 @@ a weights file, and it reads it with ``weights_only=True`` (never unpickling arb
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from datagen.shards import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,14 +82,6 @@ class Backbone(nn.Module):
         for name in LAYERS:
             x = getattr(self, name)(x)
         return F.normalize(x, dim=1)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_file(path: Path) -> object:
@@ -171,7 +164,7 @@ def load_backbone_weights(backbone: Backbone, source: str | os.PathLike) -> dict
     state, fmt = _extract_state_dict(_read_file(path), path)
     used = _check_keys(backbone, state, path)
     backbone.load_state_dict(used, strict=False)
-    return {"source": str(path.resolve()), "format": fmt, "sha256": _sha256(path)}
+    return {"source": str(path.resolve()), "format": fmt, "sha256": sha256_file(path)}
 
 
 def _cache_dirs() -> list[Path]:
