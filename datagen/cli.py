@@ -32,6 +32,25 @@ def _fail(error: Exception) -> None:
     raise click.ClickException(str(error)) from error
 
 
+def _resolve_style(style: str, style_dir):
+    """The style method to use: 'auto' becomes 'adain' when its weights are found (else the error
+    names the files and the alternatives); 'adain' and 'color' need --style-dir."""
+    if style == "auto":
+        from .style.adain_net import StyleWeightsError, find_adain_weights
+
+        try:
+            find_adain_weights()
+        except StyleWeightsError as error:
+            raise click.UsageError(f"--style auto: {error}") from error
+        style = "adain"
+    if style in ("adain", "color") and style_dir is None:
+        raise click.UsageError(f"--style {style} needs --style-dir, a folder of style images "
+                               "(the paper uses the Brueghel paintings)")
+    if style == "color":
+        _say("WARNING: --style color is the weight-free colour fallback, not AdaIN; the manifest records it.")
+    return style
+
+
 segments_option = click.option("--segments", "segments", type=click.Choice(sorted(SOURCES)), default="coco",
                                show_default=True, help="Segment source: 'coco' uses COCO instance annotations.")
 coco_root_option = click.option(
@@ -66,8 +85,19 @@ def main():
               help="Parallel worker processes (one shard each). Default: all cores.")
 @click.option("--objects", type=click.Choice(OBJECT_MODES), default="mix", show_default=True,
               help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half.")
-@click.option("--style", type=click.Choice(STYLE_METHODS), default="none", show_default=True,
-              help="Style transfer of both images ('none' for now; AdaIN comes in a later release).")
+@click.option("--style", type=click.Choice(("auto",) + STYLE_METHODS), default="auto", show_default=True,
+              help="Style transfer of both images of every pair: 'adain' (AdaIN, needs vgg_normalised.pth and "
+                   "decoder.pth), 'color' (weight-free Lab colour transfer, recorded in the manifest), 'none', or "
+                   "'auto': AdaIN when its weights are found, else an error naming the files and the alternatives.")
+@click.option("--style-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of style images (the paper: the Brueghel paintings); needed by adain and color.")
+@click.option("--adain-vgg", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="AdaIN encoder weights (vgg_normalised.pth). Default: $SEGSWAP_ADAIN_VGG or ~/.cache/segswap/adain/.")
+@click.option("--adain-decoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="AdaIN decoder weights (decoder.pth, or one trained on your style collection). "
+                   "Default: $SEGSWAP_ADAIN_DECODER or ~/.cache/segswap/adain/.")
+@click.option("--style-device", default="auto", show_default=True,
+              help="Device of the AdaIN networks: 'auto' (CUDA when present), 'cpu', 'cuda'.")
 @click.option("--image-size", type=click.IntRange(min=64), default=BuildConfig.image_size, show_default=True,
               help="Side of the square source and target images, pixels.")
 @click.option("--stride", type=click.IntRange(min=1), default=BuildConfig.stride, show_default=True,
@@ -94,16 +124,17 @@ def main():
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"),
               show_default=True, help="Also copy manifest.json here (named after --out and the fingerprint).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, style, image_size, stride,
-          shard_size, blend, min_area, dilation, border_crop_prob, rotation, aspect_min, tps_prob,
-          jpeg_quality, overwrite, manifests_dir, no_progress):
+def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, style, style_dir, adain_vgg,
+          adain_decoder, style_device, image_size, stride, shard_size, blend, min_area, dilation, border_crop_prob,
+          rotation, aspect_min, tps_prob, jpeg_quality, overwrite, manifests_dir, no_progress):
     """Build N pairs into --out as WebDataset shards with a manifest.
 
     Re-running the same command resumes an interrupted build (only unfinished shards are
     rebuilt); a larger --n extends it.
     """
-    from .run import BuildError, build as run_build, default_workers
+    from .run import BuildError, StyleSpec, build as run_build, default_workers
 
+    style = _resolve_style(style, style_dir)
     warp = WarpConfig(rotation_deg=rotation, aspect_min=aspect_min, tps_prob=tps_prob)
     try:
         config = BuildConfig(segments=segments, min_area=min_area, image_size=image_size, stride=stride,
@@ -115,9 +146,12 @@ def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, s
     spec = _source_spec(segments, coco_root, coco_split)
     started = time.perf_counter()
     try:
+        style_spec = StyleSpec({"style_dir": style_dir} if style == "color" else
+                               {"style_dir": style_dir, "vgg_path": adain_vgg, "decoder_path": adain_decoder,
+                                "device": style_device})
         manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
                              overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
-                             show_progress=not no_progress)
+                             show_progress=not no_progress, style=style_spec)
     except (BuildError, ValueError, FileNotFoundError, LookupError) as error:
         _fail(error)
     elapsed = time.perf_counter() - started

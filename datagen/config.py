@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 OBJECT_MODES = ("1", "2", "mix")
 BLEND_METHODS = ("poisson", "cv2", "paste")
-STYLE_METHODS = ("none",)
+STYLE_METHODS = ("none", "color", "adain")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,11 @@ class BuildConfig:
     blend: str = "poisson"
     """'poisson' (our DST solver, same equations as cv2 NORMAL_CLONE), 'cv2' (cv2.seamlessClone), 'paste'."""
     style: str = "none"
+    """'none', 'adain' (AdaIN, paper section 3.1) or 'color' (weight-free Lab colour transfer)."""
+    style_alpha_max: float = 1.0
+    """Each image's style strength is alpha ~ U[0, style_alpha_max)."""
+    style_batch: int = 8
+    """Pairs stylised together (2 images each); fixed, so batches and bytes are reproducible."""
     min_mask_cells: float = 9.0
     """Pairs whose soft grid mask sums to less than this in either image are rejected."""
     max_tps_inverse_error: float = 0.01
@@ -95,6 +100,8 @@ class BuildConfig:
             (self.objects in OBJECT_MODES, f"objects must be one of {OBJECT_MODES}, got {self.objects!r}"),
             (self.blend in BLEND_METHODS, f"blend must be one of {BLEND_METHODS}, got {self.blend!r}"),
             (self.style in STYLE_METHODS, f"style must be one of {STYLE_METHODS}, got {self.style!r}"),
+            (0 < self.style_alpha_max <= 1, f"style_alpha_max must be in (0, 1], got {self.style_alpha_max}"),
+            (self.style_batch >= 1, f"style_batch must be >= 1, got {self.style_batch}"),
             (self.image_size >= 64, f"image_size must be at least 64, got {self.image_size}"),
             (self.stride >= 1 and self.image_size % self.stride == 0,
              f"image_size ({self.image_size}) must be a multiple of stride ({self.stride})"),

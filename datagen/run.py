@@ -8,6 +8,7 @@ missing shards, and a larger ``n`` adds shards (and refills a last, partial shar
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -21,7 +22,7 @@ import cv2
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from .config import BuildConfig, config_hash
+from .config import BuildConfig, canonical_json, config_hash
 from .manifest import (
     build_manifest,
     make_stats,
@@ -38,6 +39,7 @@ from .schema import encode_sample
 from .segments import SegmentBank, write_bank
 from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
 from .sources import get_source
+from .style import NO_STYLE, make_stylizer
 
 BANK_DIR = "bank"
 BANK_INPUTS = "inputs.json"
@@ -56,6 +58,38 @@ class SourceSpec:
 
     def to_json(self) -> dict:
         return {"name": self.name, "options": {k: str(v) for k, v in sorted(self.options.items())}}
+
+
+@dataclass(frozen=True)
+class StyleSpec:
+    """Options of the stylizer (``config.style``): style folder, weights, device. Not hashed;
+    what they resolve to (the style images' and weights' checksums) is part of the inputs."""
+
+    options: dict
+
+    def make(self, config: BuildConfig):
+        """The stylizer of ``config.style``, or None for 'none'."""
+        if config.style == NO_STYLE:
+            return None
+        options = {k: v for k, v in self.options.items() if v is not None}
+        return make_stylizer(config.style, **options)
+
+
+def style_identity(description: dict | None) -> dict | None:
+    """What makes stylised bytes differ: the method, the style images and the weights."""
+    if description is None:
+        return None
+    weights = description.get("weights") or {}
+    return {"method": description["method"], "styles_sha256": description.get("styles_sha256"),
+            "weights": {name: entry.get("sha256") for name, entry in sorted(weights.items())}}
+
+
+def inputs_checksum(annotations_sha256: str, style: dict | None) -> str:
+    """One checksum of everything a build reads besides its config: the annotation file, and
+    the style images and weights when there is a style."""
+    if style is None:
+        return annotations_sha256
+    return hashlib.sha256(canonical_json({"annotations": annotations_sha256, "style": style}).encode()).hexdigest()
 
 
 def open_source(spec: SourceSpec, config: BuildConfig) -> tuple:
@@ -99,19 +133,46 @@ def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
 _WORKER_CACHE: dict = {}
 
 
-def _worker_state(bank_dir: str, image_root: str, config: BuildConfig, inputs_sha256=None):
-    """Bank, sampler and builder of this process, loaded once and reused by its shards (until the
-    bank's inputs change: a rescan into the same ``bank_dir`` must not reuse the old bank)."""
+def _worker_state(bank_dir: str, image_root: str, config: BuildConfig, inputs_sha256=None,
+                  style: StyleSpec | None = None):
+    """Bank, sampler, builder and stylizer of this process, loaded once and reused by its shards
+    (until the inputs change: a rescan into the same ``bank_dir`` must not reuse the old bank)."""
     key = (bank_dir, image_root, config, inputs_sha256)
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         bank = SegmentBank.load(bank_dir)
-        _WORKER_CACHE[key] = (Sampler(bank, config), PairBuilder(bank, Path(image_root), config))
+        stylizer = (style or StyleSpec({})).make(config)
+        _WORKER_CACHE[key] = (Sampler(bank, config), PairBuilder(bank, Path(image_root), config), stylizer)
     return _WORKER_CACHE[key]
 
 
+def draw_style(rng, stylizer, config: BuildConfig) -> dict:
+    """Style image and strength of each image of a pair, drawn after the pair's plan so that the
+    pair itself is the same with or without a style."""
+    names = [Path(p).name for p in getattr(stylizer, "style_paths", [])]
+    choice = {"method": config.style}
+    for side in ("src", "tgt"):
+        index = int(rng.integers(stylizer.n_styles))
+        choice[side] = {"style": index, "name": names[index] if names else None,
+                        "alpha": float(rng.random() * config.style_alpha_max)}
+    return choice
+
+
+def stylize_samples(stylizer, samples: list) -> None:
+    """Fill ``src_style_image``/``tgt_style_image`` of ``samples`` in one call of the stylizer."""
+    if stylizer is None or not samples:
+        return
+    images = [image for sample in samples for image in (sample.src_image, sample.tgt_image)]
+    styles = [sample.meta["style"][side]["style"] for sample in samples for side in ("src", "tgt")]
+    alphas = [sample.meta["style"][side]["alpha"] for sample in samples for side in ("src", "tgt")]
+    stylised = stylizer.stylize(images, styles, alphas)
+    for k, sample in enumerate(samples):
+        sample.src_style_image, sample.tgt_style_image = stylised[2 * k], stylised[2 * k + 1]
+
+
 def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, image_root: str,
-                root_seed: int, out_dir: str, inputs_sha256: str | None = None, progress=None) -> dict:
+                root_seed: int, out_dir: str, inputs_sha256: str | None = None, style: StyleSpec | None = None,
+                progress=None) -> dict:
     """Build shard ``shard`` with ``count`` samples into ``out_dir``; returns its stats.
 
     ``inputs_sha256`` (the annotation file's checksum) is recorded in the stats, so that shards of
@@ -122,11 +183,21 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
     row stop it with :class:`BuildError` (something is wrong with every input, not one).
     """
     cv2.setNumThreads(1)
-    sampler, builder = _worker_state(bank_dir, image_root, config, inputs_sha256)
+    sampler, builder, stylizer = _worker_state(bank_dir, image_root, config, inputs_sha256, style)
     chash = config_hash(config)
     out = Path(out_dir)
-    rows, rejected = [], Counter()
+    rows, rejected, pending = [], Counter(), []
     accepted = attempt = failures = 0
+
+    def flush():
+        """Stylise the pending samples together, then write them in order."""
+        stylize_samples(stylizer, [sample for sample, _ in pending])
+        for sample, row in pending:
+            row["bytes"] = writer.write(encode_sample(sample, config.jpeg_quality))
+            if progress is not None:
+                progress(1)
+        pending.clear()
+
     with ShardWriter(out / shard_name(shard)) as writer:
         while accepted < count:
             rng = attempt_rng(root_seed, shard, attempt)
@@ -141,11 +212,12 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
                            category_ids=[int(sampler.bank.category_ids[o.segment_row]) for o in plan.objects])
                 sample = builder.build(plan, key)
                 sample.meta.update(config_hash=chash, seed={"root": root_seed, "shard": shard, "attempt": attempt})
-                row.update(key=key, status="accepted", bytes=writer.write(encode_sample(sample, config.jpeg_quality)))
+                if stylizer is not None:
+                    sample.meta["style"] = draw_style(rng, stylizer, config)
+                row.update(key=key, status="accepted")
+                pending.append((sample, row))
                 accepted += 1
                 failures = 0
-                if progress is not None:
-                    progress(1)
             except Exception as error:  # noqa: BLE001 - one bad input never kills a shard
                 reason = error.reason if isinstance(error, Rejected) else f"error:{type(error).__name__}"
                 detail = error.detail if isinstance(error, Rejected) else str(error)
@@ -157,6 +229,8 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
                                      f"most common: {rejected.most_common(3)}; last: {row['reason']}") from error
             rows.append(row)
             attempt += 1
+            if len(pending) >= config.style_batch or accepted == count:
+                flush()
     write_sample_rows(rows, out / samples_name(shard))
     stats = make_stats(shard_index=shard, samples=accepted, attempted=attempt, rejected=dict(rejected),
                        bytes=writer.bytes, sha256=writer.sha256, config_hash=chash, root_seed=root_seed,
@@ -227,7 +301,8 @@ def _run_parallel(tasks, workers: int, bar) -> list[dict]:
 
 
 def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0, workers: int = 1,
-          overwrite: bool = False, manifests_dir=None, log=None, show_progress: bool = True) -> dict:
+          overwrite: bool = False, manifests_dir=None, log=None, show_progress: bool = True,
+          style: StyleSpec | None = None) -> dict:
     """Build (or resume, or extend) ``n`` samples into ``out_dir``; returns the manifest."""
     log = log or (lambda message: print(message, file=sys.stderr))
     config.validate()
@@ -236,7 +311,10 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     out = Path(out_dir)
     chash = config_hash(config)
     opened = open_source(spec, config)  # a bad annotation file fails here, before --out is touched
-    inputs_sha256 = opened[1]["annotations_sha256"]
+    style = style or StyleSpec({})
+    stylizer = style.make(config)  # missing weights or style images fail here too
+    style_description = stylizer.describe() if stylizer is not None else None
+    inputs_sha256 = inputs_checksum(opened[1]["annotations_sha256"], style_identity(style_description))
     out.mkdir(parents=True, exist_ok=True)
     check_out_dir(out, chash, seed, overwrite, inputs_sha256)
     inputs = prepare_bank(spec, config, out / BANK_DIR, log, opened=opened)
@@ -245,7 +323,7 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     shards = plan_shards(n, config.shard_size)
     done = {k: s for k, c in shards
             if (s := shard_is_done(out, k, c, chash, seed, inputs_sha256)) is not None}
-    todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256)
+    todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256, style)
             for k, c in shards if k not in done]
     if done:
         log(f"resuming: {len(done)} of {len(shards)} shards already complete")
@@ -263,7 +341,8 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
         else:
             built = _run_parallel(todo, workers, bar)
     all_stats = list(done.values()) + built
-    inputs_record = {"segments": spec.to_json(), **{k: v for k, v in inputs.items() if k != "source"}}
+    inputs_record = {"segments": spec.to_json(), **{k: v for k, v in inputs.items() if k != "source"},
+                     "style": style_description, "inputs_sha256": inputs_sha256}
     manifest = build_manifest(config=config, root_seed=seed, inputs=inputs_record, shard_stats=all_stats,
                               n_requested=n)
     write_manifest(manifest, out, manifests_dir)

@@ -50,7 +50,7 @@ def build_args(out: Path, n: int = REFERENCE_N, shard_size: int = REFERENCE_SHAR
     """Arguments of ``datagen build`` (embedded sample unless ``extra`` says otherwise)."""
     manifests = manifests or out.parent / f"{out.name}-manifests"
     return ["build", "--n", n, "--shard-size", shard_size, "--seed", seed, "--workers", workers,
-            "--out", out, "--manifests-dir", manifests, "--no-progress", *extra]
+            "--out", out, "--manifests-dir", manifests, "--no-progress", "--style", "none", *extra]
 
 
 def output_files(directory: Path) -> dict[str, bytes]:
