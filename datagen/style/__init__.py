@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from ..imageio import BadInput, load_rgb
+from ..shards import sha256_file
 
 STYLE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """Files of a style folder with these suffixes (any case) are style images."""
@@ -155,19 +156,10 @@ def load_style_images(style_dir) -> list[tuple[Path, np.ndarray]]:
     return list(iter_style_images(style_dir))
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def style_set_sha256(paths) -> str:
     """sha256 of a list of style images: of the lines "{file name} {sha256 of its bytes}",
     in order. Identifies the style set (names and contents) for the manifest."""
-    lines = "".join(f"{Path(p).name} {file_sha256(p)}\n" for p in paths)
+    lines = "".join(f"{Path(p).name} {sha256_file(p)}\n" for p in paths)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -216,7 +208,7 @@ def check_inputs(images, styles, alphas, n_styles: int) -> None:
 
 __all__ = [
     "NO_STYLE", "STYLE_IMAGE_SUFFIXES", "STYLIZERS", "StyleError", "Stylizer", "check_inputs",
-    "file_sha256", "resize", "shorter_side_size", "style_set_sha256",
+    "resize", "shorter_side_size", "style_set_sha256",
     "iter_style_images", "load_style_images", "make_stylizer", "register_stylizer",
     "style_image_files", "stylizer_class", "stylizer_names",
 ]

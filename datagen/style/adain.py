@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..imageio import BadInput, load_rgb
+from ..shards import sha256_file
 from . import (
     StyleError,
     check_inputs,
-    file_sha256,
     iter_style_images,
     register_stylizer,
     resize,
     shorter_side_size,
     style_set_sha256,
 )
-from ..imageio import BadInput, load_rgb
 from .adain_net import find_adain_weights, load_decoder, load_encoder
 
 DEFAULT_SIDE = 512
@@ -217,9 +217,9 @@ class AdainStylizer:
             self._description = {
                 "method": "adain",
                 "weights": {
-                    "vgg": {"path": str(self.vgg_path), "sha256": file_sha256(self.vgg_path)},
+                    "vgg": {"path": str(self.vgg_path), "sha256": sha256_file(self.vgg_path)},
                     "decoder": {"path": str(self.decoder_path),
-                                "sha256": file_sha256(self.decoder_path)},
+                                "sha256": sha256_file(self.decoder_path)},
                 },
                 "style_dir": str(self.style_dir),
                 "n_styles": self.n_styles,
