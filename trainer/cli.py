@@ -156,10 +156,10 @@ def eval_command(shards, checkpoint, max_samples, batch, device, json_path, no_p
 
     Each sample is used without style, role swap or hidden tokens. Negatives pair sample i's source
     with sample i+1's target (cyclically). Prints: mask IoU on positives (prediction > 0.5 vs ground
-    truth > 0.5, mean over images of the per-image IoU); the mean predicted mask on negatives; the
-    correspondence error on positives (Euclidean distance in grid cells over ground-truth mask cells,
-    both directions) and the share of those cells within one cell; the average precision of the Eq. 3
-    pair score separating positives from negatives.
+    truth > 0.5, per image, averaged over the images that have a ground-truth cell > 0.5); the mean
+    predicted mask on negatives; the correspondence error on positives (Euclidean distance in grid
+    cells over ground-truth mask cells, both directions) and the share of those cells within one
+    cell; the average precision of the Eq. 3 pair score separating positives from negatives.
     """
     from .evaluate import evaluate_checkpoint, format_table, json_ready
 

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 import torch
 from braceexpand import braceexpand
 
 from datagen.manifest import load_manifest
-from datagen.pairs import recompute_grids
+from datagen.pairs import recompute_grids, resize_image
 from datagen.schema import PairSample, SchemaError, decode_sample
 
 from .config import TrainConfig
@@ -119,7 +118,7 @@ def to_example(sample: PairSample, config: TrainConfig, rng: random.Random) -> E
     def pick(plain, stylised):
         image = stylised if stylised is not None and rng.random() < config.style_prob else plain
         if image.shape[:2] != (config.image_size, config.image_size):
-            image = cv2.resize(image, (config.image_size, config.image_size), interpolation=cv2.INTER_AREA)
+            image = resize_image(image, config.image_size)
         return image
 
     src_image = pick(sample.src_image, sample.src_style_image)

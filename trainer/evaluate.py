@@ -9,10 +9,12 @@ sample i+1's target (cyclically, the last sample's source with the first sample'
 Metrics (the pure functions below do the maths, numpy or torch in, floats out):
 
 - ``mask_iou``: on positives, predicted mask > 0.5 against ground-truth grid mask > 0.5, one IoU
-  per image (source and target of every pair), then the mean over images. An image where both
-  are empty counts as 1 (agreement); ``empty_gt_images`` says how many images had no cell > 0.5.
+  per image (source and target of every pair), then the mean over the images whose ground truth
+  has at least one cell > 0.5. Images without one (small objects on a coarse grid) are left out,
+  so that predicting nothing earns nothing; ``empty_gt_images`` counts them.
 - ``neg_mask_mean``: the mean predicted mask over all cells of both images of the negatives
-  (lower is better).
+  (lower is better); ``pos_mask_mean``, the same on positives, shows whether the masks depend on
+  the pair at all (a network that predicts the same prior everywhere has both equal).
 - ``corr_error``: on positives, |predicted - ground truth| correspondence as a Euclidean distance
   in grid cells of the other image, over the cells where the ground-truth mask is > 0.5, both
   directions (source to target and target to source), pooled over all those cells of all pairs;
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from .backbone import normalise
 from .config import TrainConfig
+from .loop import load_for_inference
 from .score import pair_score
 
 METRIC_NAMES = ("mask_iou", "neg_mask_mean", "corr_error", "corr_within_1", "score_ap")
@@ -49,22 +52,28 @@ def _numpy(array) -> np.ndarray:
 
 
 def mask_iou(pred, truth, threshold: float = 0.5) -> float:
-    """IoU of ``pred > threshold`` and ``truth > threshold`` (same shape; one image). Both empty: 1."""
+    """IoU of ``pred > threshold`` and ``truth > threshold`` (same shape; one image). Both empty: NaN."""
     pred, truth = _numpy(pred), _numpy(truth)
     if pred.shape != truth.shape:
         raise ValueError(f"mask_iou: shapes differ, {pred.shape} vs {truth.shape}")
     a, b = pred > threshold, truth > threshold
     union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    return float("nan") if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def image_ious(preds, truths, threshold: float = 0.5) -> list[float]:
+    """Per-image :func:`mask_iou` of (B, [1,] h, w) arrays, for the images whose ground truth has a
+    cell > ``threshold`` (the others are left out)."""
+    preds, truths = _numpy(preds), _numpy(truths)
+    if preds.shape != truths.shape or preds.ndim < 3:
+        raise ValueError(f"expected two (B, [1,] h, w) arrays of one shape, got {preds.shape} and {truths.shape}")
+    return [mask_iou(p, t, threshold) for p, t in zip(preds, truths) if (t > threshold).any()]
 
 
 def mean_mask_iou(preds, truths, threshold: float = 0.5) -> float:
-    """Mean over images of the per-image :func:`mask_iou`; ``preds``/``truths`` (B, [1,] h, w)."""
-    preds, truths = _numpy(preds), _numpy(truths)
-    if preds.shape != truths.shape or preds.ndim < 3:
-        raise ValueError(f"mean_mask_iou expects two (B, [1,] h, w) arrays of one shape, "
-                         f"got {preds.shape} and {truths.shape}")
-    return float(np.mean([mask_iou(p, t, threshold) for p, t in zip(preds, truths)]))
+    """Mean of :func:`image_ious` (NaN if no image has a ground-truth cell > ``threshold``)."""
+    ious = image_ious(preds, truths, threshold)
+    return float(np.mean(ious)) if ious else float("nan")
 
 
 def correspondence_distances(pred, truth, truth_mask, other_grid: tuple[int, int] | None = None,
@@ -147,14 +156,16 @@ def _chunks(shards, config: TrainConfig, batch: int, max_samples: int | None):
 
     deterministic, rng = eval_config(config), random.Random(0)
     chunk, seen = [], 0
+    if max_samples is not None and max_samples < 1:
+        return
     for sample in iter_samples(shards):
-        if max_samples is not None and seen >= max_samples:
-            break
         chunk.append(to_example(sample, deterministic, rng))
         seen += 1
         if len(chunk) == batch:
             yield chunk
             chunk = []
+        if max_samples is not None and seen >= max_samples:
+            break
     if chunk:
         yield chunk
 
@@ -177,6 +188,7 @@ class _Tally:
 
     def __init__(self):
         self.ious: list[float] = []
+        self.pos_mask_means: list[float] = []
         self.empty_gt = 0
         self.distances: list[np.ndarray] = []
         self.neg_mask_means: list[float] = []
@@ -189,7 +201,8 @@ class _Tally:
         for out, mask, corr, other in ((src_out, src_mask, stack("src_to_tgt"), tgt_out),
                                        (tgt_out, tgt_mask, stack("tgt_to_src"), src_out)):
             pred = out.cpu().numpy()
-            self.ious += [mask_iou(p, t) for p, t in zip(pred[:, 2:3], mask)]
+            self.ious += image_ious(pred[:, 2:3], mask)
+            self.pos_mask_means += pred[:, 2].reshape(len(pred), -1).mean(axis=1).tolist()
             self.empty_gt += int((mask.reshape(len(mask), -1) <= 0.5).all(axis=1).sum())
             self.distances.append(correspondence_distances(pred[:, :2], corr, mask, tuple(other.shape[2:])))
         self.scores += score.cpu().tolist()
@@ -207,9 +220,10 @@ class _Tally:
         return {
             "samples": self.labels.count(1),
             "negatives": negatives,
-            "mask_iou": float(np.mean(self.ious)) if self.ious else float("nan"),
+            "mask_iou": _mean(self.ious),
             "empty_gt_images": self.empty_gt,
-            "neg_mask_mean": float(np.mean(self.neg_mask_means)) if self.neg_mask_means else float("nan"),
+            "neg_mask_mean": _mean(self.neg_mask_means),
+            "pos_mask_mean": _mean(self.pos_mask_means),
             "corr_error": corr["mean"],
             "corr_within_1": corr["within_1"],
             "corr_cells": corr["cells"],
@@ -265,10 +279,7 @@ def evaluate_checkpoint(checkpoint, shards, max_samples: int | None = None, batc
                         device: str = "auto", progress: bool = True) -> dict:
     """:func:`evaluate_model` of a checkpoint (see :func:`trainer.loop.load_for_inference`), with
     ``checkpoint``, ``step``, ``image_size`` and ``shards`` added to the result."""
-    from .loop import load_checkpoint, load_for_inference
-
-    config, backbone, model = load_for_inference(checkpoint, device)
-    step = load_checkpoint(checkpoint).get("step")
+    config, backbone, model, step = load_for_inference(checkpoint, device)
     metrics = evaluate_model(config, backbone, model, shards, max_samples, batch, progress)
     return {"checkpoint": str(checkpoint), "step": step, "image_size": config.image_size,
             "shards": str(shards), **metrics}
@@ -280,8 +291,11 @@ def format_table(metrics: dict) -> str:
         ("samples (positive pairs)", f"{metrics['samples']}"),
         ("negative pairs", f"{metrics['negatives']}"),
         ("mask IoU, positives (mean over images)", _fmt(metrics["mask_iou"])),
+        ("  images left out (no ground-truth cell > 0.5)", f"{metrics['empty_gt_images']}"),
         ("mean predicted mask, negatives (lower is better)", _fmt(metrics["neg_mask_mean"])),
+        ("  (positives, for comparison)", _fmt(metrics["pos_mask_mean"])),
         ("correspondence error, positives (grid cells)", _fmt(metrics["corr_error"])),
+        ("  over ground-truth mask cells, both directions", f"{metrics['corr_cells']}"),
         ("share of mask cells within 1 cell", _fmt(metrics["corr_within_1"])),
         ("pair score AP, positives vs negatives", _fmt(metrics["score_ap"])),
         ("mean score, positives / negatives",

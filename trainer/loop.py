@@ -127,7 +127,7 @@ class Trainer:
     def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 1024, H/16, W/16) L2-normalised frozen features."""
         with torch.no_grad(), self.autocast():
-            return self.backbone(normalise(images_uint8).to(self.device)).float()
+            return self.backbone(normalise(images_uint8.to(self.device, non_blocking=True))).float()
 
     def autocast(self):
         """bf16 autocast on CUDA; nothing on the CPU."""
@@ -260,19 +260,21 @@ class Trainer:
 
 
 def load_for_inference(path, device: str = "auto") -> tuple:
-    """(config, backbone, model) of a checkpoint, in eval mode on ``device``: the checkpoint holds
-    the frozen backbone's weights too, so evaluation and prediction need no other file."""
+    """(config, backbone, model, step) of a checkpoint, in eval mode on ``device``: the checkpoint
+    holds the frozen backbone's weights too, so evaluation and prediction need no other file.
+    Anything that is not a trainer checkpoint with a valid config raises :class:`ResumeError`."""
     state = load_checkpoint(path)
     try:
-        config = TrainConfig.from_dict(state["config"])
+        config = TrainConfig.from_dict(state["config"]).validate()
         backbone = Backbone()
         backbone.load_state_dict(state["backbone_state"])
         model = build_model(config)
         model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise ResumeError(f"{path}: not a trainer checkpoint ({error})") from error
+        step = int(state["step"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+        raise ResumeError(f"{path}: not a trainer checkpoint ({type(error).__name__}: {error})") from error
     target = pick_device(device)
-    return config, backbone.to(target).eval(), model.to(target).eval()
+    return config, backbone.to(target).eval(), model.to(target).eval(), step
 
 
 class MetricsLogger:

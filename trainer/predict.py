@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from datagen.imageio import load_rgb
+from datagen.pairs import resize_image
 from datagen.preview import GAP
 
 from .evaluate import features, run_pair
+from .loop import load_for_inference
 from .visual import render_prediction
 
 
@@ -29,14 +31,6 @@ class Prediction:
     src_out: torch.Tensor
     tgt_out: torch.Tensor
     score: float
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3): area interpolation when shrinking, linear when enlarging."""
-    if image.shape[:2] == (size, size):
-        return image
-    shrinking = image.shape[0] * image.shape[1] >= size * size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 @torch.no_grad()
@@ -53,10 +47,12 @@ def mask_picture(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.rint(upsampled * 255), 0, 255).astype(np.uint8)
 
 
-def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = GAP, fill: int = 255) -> np.ndarray:
-    """Two (H, W) uint8 pictures on one canvas of height max(H) and width W1 + gap + W2."""
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = GAP) -> np.ndarray:
+    """Two (H, W) uint8 pictures on one canvas of height max(H) and width W1 + gap + W2: a white
+    gap between them, black (mask 0) below the shorter one."""
     height = max(left.shape[0], right.shape[0])
-    canvas = np.full((height, left.shape[1] + gap + right.shape[1]), fill, np.uint8)
+    canvas = np.zeros((height, left.shape[1] + gap + right.shape[1]), np.uint8)
+    canvas[:, left.shape[1]: left.shape[1] + gap] = 255
     canvas[: left.shape[0], : left.shape[1]] = left
     canvas[: right.shape[0], left.shape[1] + gap:] = right
     return canvas
@@ -79,12 +75,9 @@ def predict_files(image_a, image_b, checkpoint, out_dir, device: str = "auto", n
     Raises :class:`datagen.imageio.BadInput` for an unreadable image and
     :class:`trainer.loop.ResumeError` for a file that is not a trainer checkpoint (both name the file).
     """
-    from .loop import load_checkpoint, load_for_inference
-
     originals = [load_rgb(image_a), load_rgb(image_b)]  # bad images fail before the checkpoint is read
-    config, backbone, model = load_for_inference(checkpoint, device)
-    step = load_checkpoint(checkpoint).get("step")
-    resized = [resize_square(image, config.image_size) for image in originals]
+    config, backbone, model, step = load_for_inference(checkpoint, device)
+    resized = [resize_image(image, config.image_size) for image in originals]
     prediction = predict_pair(backbone, model, *resized)
 
     out = Path(out_dir)
