@@ -230,3 +230,39 @@ def test_a_tiny_batch_can_be_overfitted():
     assert losses[0] > 1.0
     assert min(losses[-10:]) < 0.15
     assert out["mask_bce"].item() < 0.05
+
+
+def _full_sequence_forward(model, src_feat, tgt_feat, src_hide, tgt_hide):
+    """The model's layers applied the straightforward way: one sequence of both images' tokens
+    with an attention mask (S: within an image, C: across), as in the authors' code."""
+    from trainer.models.cross_image import _flat_hide, _unhide_fully_hidden
+
+    (batch, _, hs, ws), (_, _, ht, wt) = src_feat.shape, tgt_feat.shape
+    tokens = torch.cat((model._tokens(src_feat), model._tokens(tgt_feat)), dim=1)
+    pos = torch.cat((model._positions(hs, ws, tokens), model._positions(ht, wt, tokens)), dim=0)
+    hide = torch.cat((_unhide_fully_hidden(_flat_hide(src_hide, batch, hs, ws, "s", tokens.device)),
+                      _unhide_fully_hidden(_flat_hide(tgt_hide, batch, ht, wt, "t", tokens.device))), dim=1)
+    is_src = torch.arange(tokens.shape[1]) < hs * ws
+    same_image = is_src[:, None] == is_src[None, :]
+    for kind, layer in zip(model.kinds, model.layers):
+        if kind == "S":
+            tokens = layer(tokens + pos, src_mask=~same_image, src_key_padding_mask=hide)
+        else:
+            tokens = layer(tokens, src_mask=same_image, src_key_padding_mask=hide)
+    return model._head(tokens[:, :hs * ws], hs, ws), model._head(tokens[:, hs * ws:], ht, wt)
+
+
+@pytest.mark.parametrize("target_grid", [(5, 5), (4, 6)])
+def test_block_attention_equals_the_full_masked_sequence(target_grid):
+    """Each image's queries attend to one image at a time: the same result as the full
+    sequence with an attention mask, at half the cost (equal and different grid sizes)."""
+    torch.manual_seed(0)
+    model = CrossImageTransformer(TransformerConfig(feat_dim=16, d_model=32, heads=2, feedforward=32)).eval()
+    src = torch.randn(2, 16, 5, 5)
+    tgt = torch.randn(2, 16, *target_grid)
+    tgt_hide = torch.rand(2, *target_grid) < 0.4
+    with torch.no_grad():
+        fast = model(src, tgt, None, tgt_hide)
+        reference = _full_sequence_forward(model, src, tgt, None, tgt_hide)
+    for a, b in zip(fast, reference):
+        assert torch.allclose(a, b, atol=1e-5)

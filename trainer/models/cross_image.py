@@ -66,6 +66,32 @@ def _unhide_fully_hidden(hide: Tensor) -> Tensor:
     return hide & ~hide.all(dim=1, keepdim=True)
 
 
+def _self_attention_layer(layer: nn.TransformerEncoderLayer, queries: Tensor, others: Tensor,
+                          pad: Tensor, other_pad: Tensor) -> Tensor:
+    """The post-norm encoder layer within one image: (B, n, d) tokens, (B, n) key padding."""
+    return layer(queries, src_key_padding_mask=pad)
+
+
+def _cross_attention_layer(layer: nn.TransformerEncoderLayer, queries: Tensor, others: Tensor,
+                           pad: Tensor, other_pad: Tensor) -> Tensor:
+    """The same post-norm layer (its weights, its order of operations) with the keys and values
+    taken from the other image: (B, n, d) queries, (B, m, d) other tokens, (B, m) key padding."""
+    attended = layer.self_attn(queries, others, others, key_padding_mask=other_pad, need_weights=False)[0]
+    x = layer.norm1(queries + layer.dropout1(attended))
+    feedforward = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+    return layer.norm2(x + layer.dropout2(feedforward))
+
+
+def _paired(layer, src: Tensor, tgt: Tensor, src_pad: Tensor, tgt_pad: Tensor, block) -> tuple[Tensor, Tensor]:
+    """Apply ``block`` to the source's queries and to the target's (one batched call when both
+    grids have the same number of tokens)."""
+    if src.shape[1] == tgt.shape[1]:
+        both = block(layer, torch.cat((src, tgt)), torch.cat((tgt, src)),
+                     torch.cat((src_pad, tgt_pad)), torch.cat((tgt_pad, src_pad)))
+        return both[:src.shape[0]], both[src.shape[0]:]
+    return block(layer, src, tgt, src_pad, tgt_pad), block(layer, tgt, src, tgt_pad, src_pad)
+
+
 class CrossImageTransformer(nn.Module):
     """Projection 1x1 conv + Dropout2d, S/C encoder layers, 1x1 conv to 3 channels + sigmoid.
 
@@ -116,22 +142,20 @@ class CrossImageTransformer(nn.Module):
         tokens = torch.cat((self._tokens(src_feat), self._tokens(tgt_feat)), dim=1)
         pos = torch.cat((self._positions(hs, ws, tokens), self._positions(ht, wt, tokens)), dim=0)
 
-        hide = None
-        if src_hide is not None or tgt_hide is not None:
-            hide = torch.cat((
-                _unhide_fully_hidden(_flat_hide(src_hide, batch, hs, ws, "src_hide", tokens.device)),
-                _unhide_fully_hidden(_flat_hide(tgt_hide, batch, ht, wt, "tgt_hide", tokens.device)),
-            ), dim=1)
-
-        is_src = torch.arange(tokens.shape[1], device=tokens.device) < n_src
-        same_image = is_src[:, None] == is_src[None, :]  # (L, L), True = query and key in one image
+        src_pad = _unhide_fully_hidden(_flat_hide(src_hide, batch, hs, ws, "src_hide", tokens.device))
+        tgt_pad = _unhide_fully_hidden(_flat_hide(tgt_hide, batch, ht, wt, "tgt_hide", tokens.device))
+        src_tokens, tgt_tokens = tokens[:, :n_src], tokens[:, n_src:]
+        src_pos, tgt_pos = pos[:n_src], pos[n_src:]
+        # Each layer attends within one image (S) or from one image to the other (C): computed
+        # as two attention blocks of one image's queries, never as the full masked (L, L)
+        # attention over both images, which costs twice as much for the same result.
         for kind, layer in zip(self.kinds, self.layers):
             if kind == "S":
-                tokens = layer(tokens + pos, src_mask=~same_image, src_key_padding_mask=hide)
+                src_tokens, tgt_tokens = _paired(layer, src_tokens + src_pos, tgt_tokens + tgt_pos,
+                                                 src_pad, tgt_pad, _self_attention_layer)
             else:
-                tokens = layer(tokens, src_mask=same_image, src_key_padding_mask=hide)
-
-        src_tokens, tgt_tokens = tokens[:, :n_src], tokens[:, n_src:]
+                src_tokens, tgt_tokens = _paired(layer, src_tokens, tgt_tokens, src_pad, tgt_pad,
+                                                 _cross_attention_layer)
         return self._head(src_tokens, hs, ws), self._head(tgt_tokens, ht, wt)
 
     def _head(self, tokens: Tensor, h: int, w: int) -> Tensor:
