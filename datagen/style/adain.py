@@ -78,8 +78,10 @@ class AdainStylizer:
     content and style images are resized to before the networks (512 in the port and the
     paper; 0 keeps native sizes), the longer side being capped at 4 x ``max_side``.
     ``batch_size``: most images per forward pass; only images of the same resized size are
-    batched together. On CUDA the networks run under bf16 autocast (fp16 where bf16 is not
-    supported) in channels_last with deterministic cuDNN; on the CPU in fp32, channels_last.
+    batched together. ``precision``: ``auto`` runs bf16 autocast on CUDA (fp16 where bf16 is
+    not supported) with deterministic cuDNN and fp32 on the CPU; ``bf16`` asks for bf16 autocast
+    on the CPU too (fast on CPUs with AVX-512 BF16; see benchmarks/bench_style.py for the
+    difference it makes to the images); ``fp32`` never uses autocast.
 
     Style statistics (relu4_1 mean and std) are computed once per style image, when first
     used (or all at once by :meth:`precompute`), and cached; only the statistics are kept.
@@ -89,7 +91,7 @@ class AdainStylizer:
 
     def __init__(self, vgg_path=None, decoder_path=None, style_dir=None, device="auto",
                  max_side: int = DEFAULT_SIDE, batch_size: int = 8,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, precision: str = "auto"):
         if style_dir is None:
             raise StyleError("the AdaIN stylizer needs a style folder (style_dir)")
         if max_side and max_side < MIN_SIDE:
@@ -104,8 +106,12 @@ class AdainStylizer:
         self.batch_size = int(batch_size)
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
-        if cuda:
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if precision not in ("auto", "fp32", "bf16"):
+            raise StyleError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        if precision == "fp32":
+            self.dtype = torch.float32
+        elif precision == "bf16" or cuda:
+            self.dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         else:
             self.dtype = torch.float32
         self.channels_last = ((cuda or CPU_CHANNELS_LAST) if channels_last is None
@@ -128,8 +134,9 @@ class AdainStylizer:
         """Inference mode, autocast and deterministic cuDNN on CUDA; plain inference on the CPU."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
         if self.device.type == "cuda":
-            stack.enter_context(torch.autocast("cuda", dtype=self.dtype))
             stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=False,
                                                            deterministic=True))
         return stack
