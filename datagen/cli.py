@@ -221,5 +221,81 @@ def preview(shard_dir, out_path, n, seed):
     click.echo(f"{count} pairs drawn to {out_path}")
 
 
+@main.group("style")
+def style_group():
+    """AdaIN style transfer tools (the decoder used by build --style adain)."""
+
+
+@style_group.command("train")
+@click.option("--styles", "style_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of style images (e.g. the Brueghel paintings); images directly inside it.")
+@click.option("--content", "content_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of content images (e.g. COCO train2017); images directly inside it.")
+@click.option("--vgg", "vgg_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Frozen VGG encoder weights (the port's vgg_normalised.pth).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Decoder file to write (decoder.pth layout, for build --adain-decoder), saved atomically; "
+                   "a preview grid (content | style | stylisation) goes next to it as OUT.preview.jpg.")
+@click.option("--decoder-init", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start from this decoder.pth-layout file instead of a decoder initialised from --seed.")
+@click.option("--steps", type=click.IntRange(min=1), default=160_000, show_default=True,
+              help="Training steps (the port's --max_iter).")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Content and style images per step (each).")
+@click.option("--size", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Each image is resized so that its shorter side is SIZE before cropping.")
+@click.option("--crop", type=click.IntRange(min=16), default=256, show_default=True,
+              help="Side of the random square crop of each resized image (<= --size).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Adam learning rate at step 0.")
+@click.option("--lr-decay", type=click.FloatRange(min=0), default=5e-5, show_default=True,
+              help="Inverse-time decay: lr = LR / (1 + LR_DECAY x step).")
+@click.option("--style-weight", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Weight of the style loss (sum over relu1_1..relu4_1 of the MSE of means and stds).")
+@click.option("--content-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the content loss (MSE of relu4_1 features to the AdaIN target).")
+@click.option("--save-every", type=click.IntRange(min=0), default=10_000, show_default=True,
+              help="Save the decoder and the preview every this many steps (0: only at the end); "
+                   "always after the last step.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the image and crop draws, the preview examples and the initial decoder.")
+@click.option("--device", default="auto", show_default=True,
+              help="Training device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Threads loading the next batch's images during a step (0: none); results do not depend on it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (not needed when it is --decoder-init).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def style_train(style_dir, content_dir, vgg_path, out_path, decoder_init, steps, batch_size, size, crop, lr,
+                lr_decay, style_weight, content_weight, save_every, seed, device, workers, overwrite,
+                no_progress):
+    """Train an AdaIN decoder on your style collection (Huang & Belongie 2017, the recipe of the
+    pytorch-AdaIN port's train.py): t = AdaIN(relu4_1(content), relu4_1(style)); loss = content
+    MSE of relu4_1(decoder(t)) to t + STYLE_WEIGHT x style loss; Adam with inverse-time decay.
+
+    Example: datagen style train --styles brueghel/ --content coco/train2017 --vgg vgg_normalised.pth
+    --out decoder.pth
+    """
+    from tqdm import tqdm
+
+    from .style import StyleError
+    from .style.train import preview_path, train_decoder
+
+    started = time.perf_counter()
+    try:
+        losses = train_decoder(content_dir, style_dir, vgg_path, out_path, decoder_init=decoder_init,
+                               steps=steps, batch_size=batch_size, size=size, crop=crop, lr=lr,
+                               lr_decay=lr_decay, style_weight=style_weight, content_weight=content_weight,
+                               save_every=save_every, seed=seed, device=device, workers=workers,
+                               overwrite=overwrite, progress=not no_progress,
+                               log=lambda message: tqdm.write(message, file=sys.stderr))
+    except (StyleError, ValueError, OSError) as error:
+        _fail(error)
+    head = sum(losses[:10]) / len(losses[:10])
+    tail = sum(losses[-10:]) / len(losses[-10:])
+    click.echo(f"{len(losses)} steps in {time.perf_counter() - started:.1f} s; mean loss of the first "
+               f"{len(losses[:10])} steps {head:.4f}, of the last {len(losses[-10:])} {tail:.4f}")
+    click.echo(f"decoder {out_path}  preview {preview_path(out_path)}")
+
+
 if __name__ == "__main__":
     main()
