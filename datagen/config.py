@@ -137,6 +137,6 @@ def canonical_json(data) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def config_hash(config: BuildConfig) -> str:
-    """sha256 of the config's canonical JSON."""
+def config_hash(config) -> str:
+    """sha256 of a config dataclass's canonical JSON (``config.to_dict()``)."""
     return hashlib.sha256(canonical_json(config.to_dict()).encode()).hexdigest()

@@ -1,15 +1,14 @@
 """Typed configuration of a training run, with the paper's defaults (section 3.2, Eq. 2).
 
-Everything that changes what is learned lives in :class:`TrainConfig`; its hash goes into every
-checkpoint so a resume can refuse a run of another configuration.
+Everything that changes what is learned lives in :class:`TrainConfig`; its hash
+(``datagen.config.config_hash``, sha256 of the canonical JSON) goes into every checkpoint so a
+resume can refuse a run of another configuration.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 
-from datagen.config import canonical_json
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,3 @@ class TrainConfig:
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         return cls(transformer=transformer, **data)
-
-
-def train_config_hash(config: TrainConfig) -> str:
-    """sha256 of the config's canonical JSON."""
-    return hashlib.sha256(canonical_json(config.to_dict()).encode()).hexdigest()

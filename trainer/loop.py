@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from datagen.config import config_hash
+
 from .backbone import Backbone, load_backbone_weights, normalise
-from .config import TrainConfig, train_config_hash
+from .config import TrainConfig
 from .data import dataset_fingerprint, make_loader
 from .loss import PairBatch, step_loss
 from .models import build_model
@@ -167,7 +169,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "config": self.config.to_dict(),
-            "config_hash": train_config_hash(self.config),
+            "config_hash": config_hash(self.config),
             "dataset_fingerprint": self.fingerprint,
             "backbone": self.backbone_record,
             "backbone_state": self.backbone.state_dict(),
@@ -180,7 +182,7 @@ class Trainer:
         checkpoint of another config or dataset unless ``force``."""
         state = load_checkpoint(path)
         problems = []
-        if state.get("config_hash") != train_config_hash(self.config):
+        if state.get("config_hash") != config_hash(self.config):
             problems.append("its training config differs from this run's")
         if state.get("dataset_fingerprint") != self.fingerprint:
             problems.append(f"it was trained on data {str(state.get('dataset_fingerprint'))[:12]}, "
