@@ -55,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="comma-separated: fp32, bf16 (bf16 is emulated, hence slow, on CPUs without AVX-512 BF16/AMX)")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,11 +72,14 @@ def main() -> None:
         rng = np.random.default_rng(0)
         styles = rng.integers(4, size=len(images)).tolist()
         alphas = rng.random(len(images)).tolist()
-        print(f"{len(images)} content images 480 px -> 512 px, 4 style images, random weights; {cores} cores")
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        print(f"{len(images)} content images 480 px -> 512 px, 4 style images, random weights; {cores} cores; "
+              f"native bf16: {'yes' if native_bf16 else 'no'}")
         reference = None
         for threads in (1, cores):
             torch.set_num_threads(threads)
-            for precision in ("fp32", "bf16"):
+            for precision in args.precisions.split(","):
                 for batch in (1, 8):
                     stylizer = AdainStylizer(tmp / "vgg_normalised.pth", tmp / "decoder.pth", styles_dir,
                                              device="cpu", batch_size=batch, precision=precision)

@@ -77,8 +77,8 @@ class AdainStylizer:
     with :func:`~datagen.style.adain_net.find_adain_weights`. ``max_side``: the shorter side
     content and style images are resized to before the networks (512 in the port and the
     paper; 0 keeps native sizes), the longer side being capped at 4 x ``max_side``.
-    ``batch_size``: most images per forward pass; only images of the same resized size are
-    batched together. ``precision``: ``auto`` runs bf16 autocast on CUDA (fp16 where bf16 is
+    ``batch_size``: most images per forward pass (default: 8 on CUDA, 1 on the CPU, where
+    batches are slower); only images of the same resized size are batched together. ``precision``: ``auto`` runs bf16 autocast on CUDA (fp16 where bf16 is
     not supported) with deterministic cuDNN and fp32 on the CPU; ``bf16`` asks for bf16 autocast
     on the CPU too (fast on CPUs with AVX-512 BF16; see benchmarks/bench_style.py for the
     difference it makes to the images); ``fp32`` never uses autocast.
@@ -90,21 +90,23 @@ class AdainStylizer:
     name = "adain"
 
     def __init__(self, vgg_path=None, decoder_path=None, style_dir=None, device="auto",
-                 max_side: int = DEFAULT_SIDE, batch_size: int = 8,
+                 max_side: int = DEFAULT_SIDE, batch_size: int | None = None,
                  channels_last: bool | None = None, precision: str = "auto"):
         if style_dir is None:
             raise StyleError("the AdaIN stylizer needs a style folder (style_dir)")
         if max_side and max_side < MIN_SIDE:
             raise StyleError(f"max_side must be 0 (native size) or at least {MIN_SIDE}, "
                              f"got {max_side}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise StyleError(f"batch_size must be >= 1, got {batch_size}")
         self.vgg_path, self.decoder_path = find_adain_weights(vgg_path, decoder_path)
         self.style_dir = Path(style_dir)
         self.style_paths: list[Path] = [path for path, _ in iter_style_images(style_dir)]
         self.max_side = int(max_side)
-        self.batch_size = int(batch_size)
         self.device = resolve_device(device)
+        # On the CPU one image per forward is faster than batches (benchmarks/bench_style.py:
+        # 4.8 s against 5.3 s per image on one thread); on a GPU batches keep it busy.
+        self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cuda" else 1)
         cuda = self.device.type == "cuda"
         if precision not in ("auto", "fp32", "bf16"):
             raise StyleError(f"precision must be auto, fp32 or bf16, got {precision!r}")
