@@ -69,6 +69,7 @@ def main():
     """Build segment-swapping training pairs (Shen et al., CVPR 2022) as WebDataset shards.
 
     Typical use: datagen build --segments coco --coco-root /data/coco --n 500000 --out shards/
+    --style-dir /data/brueghel (AdaIN weights in ~/.cache/segswap/adain/; or --style color|none)
     """
 
 
