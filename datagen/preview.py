@@ -97,23 +97,29 @@ def correspondence_points(sample: PairSample, n_lines: int = 24, seed: int = 0) 
     return points
 
 
+def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """(H, W_left + GAP + W_right, 3): two images on a gap-coloured canvas, top-aligned."""
+    canvas = np.empty((max(left.shape[0], right.shape[0]), left.shape[1] + GAP + right.shape[1], 3), np.uint8)
+    canvas[:] = GAP_COLOUR
+    canvas[: left.shape[0], : left.shape[1]] = left
+    canvas[: right.shape[0], left.shape[1] + GAP:] = right
+    return canvas
+
+
 def render_pair(sample: PairSample, n_lines: int = 24, seed: int = 0) -> np.ndarray:
     """(H, W_src + GAP + W_tgt, 3) uint8 RGB: source | target with masks and correspondence lines.
 
     H is the taller image's height (the other is padded at the bottom). Each object id gets a
     tinted overlay and outline; ``n_lines`` lines in distinct colours join source cells to where
     ``src_to_tgt`` sends them, with small circles at both ends; key and categories are written
-    at the bottom-left.
+    at the bottom-left. A stylised pair gets a second row below, GAP pixels apart: the
+    stylised source | stylised target, as stored.
     """
     src = overlay_mask(sample.src_image, sample.src_mask)
     tgt = overlay_mask(sample.tgt_image, sample.tgt_mask)
-    height = max(src.shape[0], tgt.shape[0])
+    canvas = _side_by_side(src, tgt)
     offset = src.shape[1] + GAP
-    canvas = np.empty((height, offset + tgt.shape[1], 3), np.uint8)
-    canvas[:] = GAP_COLOUR
-    canvas[: src.shape[0], : src.shape[1]] = src
-    canvas[: tgt.shape[0], offset:] = tgt
-    radius = max(2, round(height / 160))
+    radius = max(2, round(canvas.shape[0] / 160))
     points = correspondence_points(sample, n_lines, seed)
     for ((xs, ys), (xt, yt)), colour in zip(points, _line_colours(len(points))):
         start = (int(round(xs)), int(round(ys)))
@@ -122,7 +128,12 @@ def render_pair(sample: PairSample, n_lines: int = 24, seed: int = 0) -> np.ndar
         cv2.circle(canvas, start, radius, colour, -1, cv2.LINE_AA)
         cv2.circle(canvas, end, radius, colour, -1, cv2.LINE_AA)
     _draw_label(canvas, _label_text(sample))
-    return canvas
+    if sample.src_style_image is None or sample.tgt_style_image is None:
+        return canvas
+    styled = _side_by_side(sample.src_style_image, sample.tgt_style_image)
+    gap = np.empty((GAP, canvas.shape[1], 3), np.uint8)
+    gap[:] = GAP_COLOUR
+    return np.concatenate([canvas, gap, styled], axis=0)
 
 
 def _fit_width(image: np.ndarray, width: int) -> np.ndarray:

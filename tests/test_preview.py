@@ -125,3 +125,16 @@ def test_write_preview_errors(tmp_path):
     empty = write_shards(tmp_path / "empty", [0])
     with pytest.raises(ValueError, match="no samples"):
         write_preview(empty, tmp_path / "p.png")
+
+
+def test_a_stylised_pair_gets_a_second_row_with_its_stylised_images():
+    sample = make_sample("k")
+    sample.src_style_image = np.full_like(sample.src_image, 30)
+    sample.tgt_style_image = np.full_like(sample.tgt_image, 220)
+    plain = render_pair(make_sample("k"))
+    image = render_pair(sample)
+    height, width = sample.src_image.shape[:2]
+    assert image.shape[0] == 2 * plain.shape[0] + GAP
+    assert np.array_equal(image[:plain.shape[0]], plain)
+    lower = image[plain.shape[0] + GAP:]
+    assert (lower[:height, :width] == 30).all() and (lower[:height, -width:] == 220).all()
