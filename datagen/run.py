@@ -38,7 +38,7 @@ from .sampling import Sampler, attempt_rng, objects_for_attempt
 from .schema import encode_sample
 from .segments import SegmentBank, write_bank
 from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
-from .sources import get_source
+from .sources import get_source, source_paths
 from .style import NO_STYLE, make_stylizer
 
 BANK_DIR = "bank"
@@ -68,11 +68,19 @@ class StyleSpec:
     options: dict
 
     def make(self, config: BuildConfig):
-        """The stylizer of ``config.style``, or None for 'none'."""
+        """The stylizer of ``config.style``, or None for 'none'. Made once per process: the
+        build's own check and an in-process shard share one (its networks load once)."""
         if config.style == NO_STYLE:
             return None
         options = {k: v for k, v in self.options.items() if v is not None}
-        return make_stylizer(config.style, **options)
+        key = (config.style, tuple(sorted(options.items())))
+        if key not in _STYLIZERS:
+            _STYLIZERS.clear()
+            _STYLIZERS[key] = make_stylizer(config.style, **options)
+        return _STYLIZERS[key]
+
+
+_STYLIZERS: dict = {}
 
 
 def style_identity(description: dict | None) -> dict | None:
@@ -92,34 +100,43 @@ def inputs_checksum(annotations_sha256: str, style: dict | None) -> str:
     return hashlib.sha256(canonical_json({"annotations": annotations_sha256, "style": style}).encode()).hexdigest()
 
 
-def open_source(spec: SourceSpec, config: BuildConfig) -> tuple:
-    """(source, inputs record without bank counts): the source is loaded and its annotations hashed."""
-    source = get_source(spec.name, min_area=config.min_area, **spec.options)
-    record = {
+def source_record(spec: SourceSpec, config: BuildConfig) -> dict:
+    """The inputs record of a source (options, annotation checksum, image root), found without
+    loading the source: resuming a big build must not parse the annotations again."""
+    annotations, images_dir = source_paths(spec.name, **spec.options)
+    return {
         "source": spec.to_json(),
         "min_area": config.min_area,
-        "annotations_sha256": sha256_file(source.annotations_path),
-        "image_root": str(Path(source.images_dir).resolve()),
+        "annotations_sha256": sha256_file(annotations),
+        "image_root": str(Path(images_dir).resolve()),
     }
-    return source, record
 
 
-def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=print, opened=None) -> dict:
+def current_bank(bank_dir: Path, record: dict) -> dict | None:
+    """The bank's stored inputs record if ``bank_dir`` holds a bank of exactly these inputs."""
+    inputs_path = bank_dir / BANK_INPUTS
+    if not inputs_path.is_file():
+        return None
+    previous = json.loads(inputs_path.read_text())
+    return previous if {k: previous.get(k) for k in record} == record else None
+
+
+def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=print, record=None,
+                 source=None) -> dict:
     """Scan the source into ``bank_dir`` unless a bank of the same inputs is already there.
 
-    ``opened``: the result of :func:`open_source` when the caller has it already.
-    Returns the inputs record (source, options, annotation checksum, image root, counts).
+    ``record`` / ``source``: the source's :func:`source_record` and the loaded source, when the
+    caller has them already. Returns the inputs record (with the bank's counts).
     """
-    source, record = opened or open_source(spec, config)
-    inputs_path = bank_dir / BANK_INPUTS
-    if inputs_path.is_file():
-        previous = json.loads(inputs_path.read_text())
-        if {k: previous.get(k) for k in record} == record:
-            return previous
+    record = dict(record or source_record(spec, config))
+    previous = current_bank(bank_dir, record)
+    if previous is not None:
+        return previous
+    source = source or get_source(spec.name, min_area=config.min_area, **spec.options)
     log(f"scanning {spec.name} segments from {source.annotations_path} ...")
     summary = write_bank(source.scan(), bank_dir)
     record["bank"] = {"segments": summary.segments, "images": summary.images, "skipped": summary.skipped}
-    inputs_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    (bank_dir / BANK_INPUTS).write_text(json.dumps(record, indent=2, sort_keys=True))
     log(f"segment bank: {summary.segments} segments, {summary.images} images, {summary.skipped} skipped "
         f"(see {bank_dir / 'skipped.parquet'})")
     return record
@@ -310,14 +327,18 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
         raise ValueError(f"--n must be at least 1, got {n}")
     out = Path(out_dir)
     chash = config_hash(config)
-    opened = open_source(spec, config)  # a bad annotation file fails here, before --out is touched
+    record = source_record(spec, config)
+    # the source is loaded (and a bad annotation file fails) only when the bank must be scanned,
+    # and then before --out is touched
+    source = None if current_bank(out / BANK_DIR, record) else get_source(
+        spec.name, min_area=config.min_area, **spec.options)
     style = style or StyleSpec({})
     stylizer = style.make(config)  # missing weights or style images fail here too
     style_description = stylizer.describe() if stylizer is not None else None
-    inputs_sha256 = inputs_checksum(opened[1]["annotations_sha256"], style_identity(style_description))
+    inputs_sha256 = inputs_checksum(record["annotations_sha256"], style_identity(style_description))
     out.mkdir(parents=True, exist_ok=True)
     check_out_dir(out, chash, seed, overwrite, inputs_sha256)
-    inputs = prepare_bank(spec, config, out / BANK_DIR, log, opened=opened)
+    inputs = prepare_bank(spec, config, out / BANK_DIR, log, record=record, source=source)
     bank_dir, image_root = str(out / BANK_DIR), inputs["image_root"]
 
     shards = plan_shards(n, config.shard_size)

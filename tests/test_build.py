@@ -88,6 +88,20 @@ def test_resume_after_kill_9_equals_uninterrupted_build(reference, tmp_path):
     assert_no_tmp(out)
 
 
+def test_resuming_with_a_current_bank_does_not_load_the_annotations_again(reference, reference_copy, monkeypatch):
+    """Parsing COCO's annotations takes a minute: a resume whose bank matches skips it."""
+    import datagen.run
+
+    (reference_copy / stats_name(2)).unlink()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the source was loaded although its bank is current")
+
+    monkeypatch.setattr(datagen.run, "get_source", no_loading)
+    run_cli(build_args(reference_copy))
+    assert_same_outputs(reference_copy, reference)
+
+
 @pytest.mark.parametrize("damage", ["delete_stats_marker", "truncate_tar"])
 def test_resume_rebuilds_only_unfinished_shards(reference, reference_copy, damage):
     out, broken = reference_copy, 2

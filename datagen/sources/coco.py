@@ -47,14 +47,19 @@ def coco_paths(root, split: str = "train2017") -> tuple[Path, Path]:
     return annotations, images_dir
 
 
-def make_coco_source(*, root=None, split: str = "train2017", annotations=None, images_dir=None,
-                     min_area: float = 1024.0) -> "CocoSource":
-    """A :class:`CocoSource` from a COCO ``root`` (+ ``split``) or from ``annotations`` and ``images_dir``."""
+def coco_source_paths(*, root=None, split: str = "train2017", annotations=None, images_dir=None,
+                      **_) -> tuple[Path, Path]:
+    """(annotations JSON, images directory) of the source options, without reading either."""
     if root is not None:
         annotations, images_dir = coco_paths(root, split)
     if annotations is None or images_dir is None:
         raise ValueError("the coco source needs root=, or annotations= and images_dir=")
-    return CocoSource(annotations, images_dir, min_area=min_area)
+    return Path(annotations), Path(images_dir)
+
+
+def make_coco_source(*, min_area: float = 1024.0, **options) -> "CocoSource":
+    """A :class:`CocoSource` from a COCO ``root`` (+ ``split``) or from ``annotations`` and ``images_dir``."""
+    return CocoSource(*coco_source_paths(**options), min_area=min_area)
 
 
 class CocoSource:
