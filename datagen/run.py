@@ -8,6 +8,7 @@ missing shards, and a larger ``n`` adds shards (and refills a last, partial shar
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ from .segments import SegmentBank, write_bank
 from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
 from .sources import get_source, source_paths
 from .style import NO_STYLE, make_stylizer
+from .style.pipeline import LocalStyler, RemoteStyler, StyleServer
 
 BANK_DIR = "bank"
 BANK_INPUTS = "inputs.json"
@@ -78,6 +80,11 @@ class StyleSpec:
             _STYLIZERS.clear()
             _STYLIZERS[key] = make_stylizer(config.style, **options)
         return _STYLIZERS[key]
+
+    def styler(self, config: BuildConfig) -> LocalStyler | None:
+        """This process's stylizer on a background thread, or None for 'none'."""
+        stylizer = self.make(config)
+        return None if stylizer is None else LocalStyler(stylizer)
 
 
 _STYLIZERS: dict = {}
@@ -150,72 +157,94 @@ def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
 _WORKER_CACHE: dict = {}
 
 
-def _worker_state(bank_dir: str, image_root: str, config: BuildConfig, inputs_sha256=None,
-                  style: StyleSpec | None = None):
-    """Bank, sampler, builder and stylizer of this process, loaded once and reused by its shards
-    (until the inputs change: a rescan into the same ``bank_dir`` must not reuse the old bank)."""
+def _worker_state(bank_dir: str, image_root: str, config: BuildConfig, inputs_sha256=None):
+    """Bank, sampler and builder of this process, loaded once and reused by its shards (until
+    the inputs change: a rescan into the same ``bank_dir`` must not reuse the old bank)."""
     key = (bank_dir, image_root, config, inputs_sha256)
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         bank = SegmentBank.load(bank_dir)
-        stylizer = (style or StyleSpec({})).make(config)
-        _WORKER_CACHE[key] = (Sampler(bank, config), PairBuilder(bank, Path(image_root), config), stylizer)
+        _WORKER_CACHE[key] = (Sampler(bank, config), PairBuilder(bank, Path(image_root), config))
     return _WORKER_CACHE[key]
 
 
-def draw_style(rng, stylizer, config: BuildConfig) -> dict:
+def draw_style(rng, styler, config: BuildConfig) -> dict:
     """Style image and strength of each image of a pair, drawn after the pair's plan so that the
     pair itself is the same with or without a style."""
-    names = [Path(p).name for p in getattr(stylizer, "style_paths", [])]
+    names = styler.style_names
     choice = {"method": config.style}
     for side in ("src", "tgt"):
-        index = int(rng.integers(stylizer.n_styles))
+        index = int(rng.integers(styler.n_styles))
         choice[side] = {"style": index, "name": names[index] if names else None,
                         "alpha": float(rng.random() * config.style_alpha_max)}
     return choice
 
 
-def stylize_samples(stylizer, samples: list) -> None:
-    """Fill ``src_style_image``/``tgt_style_image`` of ``samples`` in one call of the stylizer."""
-    if stylizer is None or not samples:
-        return
+def submit_style(styler, samples: list):
+    """Start stylising both images of every sample (one request); None when there is nothing to do."""
+    if styler is None or not samples:
+        return None
     images = [image for sample in samples for image in (sample.src_image, sample.tgt_image)]
     styles = [sample.meta["style"][side]["style"] for sample in samples for side in ("src", "tgt")]
     alphas = [sample.meta["style"][side]["alpha"] for sample in samples for side in ("src", "tgt")]
-    stylised = stylizer.stylize(images, styles, alphas)
+    return styler.submit(images, styles, alphas)
+
+
+def collect_style(job, samples: list) -> None:
+    """Fill ``src_style_image``/``tgt_style_image`` of ``samples`` from their finished job."""
+    if job is None:
+        return
+    stylised = job.result()
     for k, sample in enumerate(samples):
         sample.src_style_image, sample.tgt_style_image = stylised[2 * k], stylised[2 * k + 1]
 
 
 def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, image_root: str,
-                root_seed: int, out_dir: str, inputs_sha256: str | None = None, style: StyleSpec | None = None,
-                progress=None) -> dict:
+                root_seed: int, out_dir: str, inputs_sha256: str | None = None,
+                style: StyleSpec | RemoteStyler | None = None, progress=None) -> dict:
     """Build shard ``shard`` with ``count`` samples into ``out_dir``; returns its stats.
 
-    ``inputs_sha256`` (the annotation file's checksum) is recorded in the stats, so that shards of
-    other inputs are never taken for finished ones.
+    ``inputs_sha256`` (the inputs' checksum) is recorded in the stats, so that shards of
+    other inputs are never taken for finished ones. ``style``: where stylisation happens, this
+    process's stylizer (:class:`StyleSpec`) or the build's style server (:class:`RemoteStyler`).
+    Every ``config.style_batch`` accepted pairs are sent to the stylizer together; the next
+    batch is built while they are stylised, and they are written when it is ready.
 
     Writes the tar, then the per-attempt parquet, then the stats marker (last). A rejected or
     failing attempt is recorded and the shard goes on; ``config.max_attempts`` failures in a
     row stop it with :class:`BuildError` (something is wrong with every input, not one).
     """
     cv2.setNumThreads(1)
-    sampler, builder, stylizer = _worker_state(bank_dir, image_root, config, inputs_sha256, style)
+    sampler, builder = _worker_state(bank_dir, image_root, config, inputs_sha256)
+    styler = (style or StyleSpec({})).styler(config) if config.style != NO_STYLE else None
     chash = config_hash(config)
     out = Path(out_dir)
     rows, rejected, pending = [], Counter(), []
+    in_flight: list[tuple] = []  # (samples and rows, style job) sent to the stylizer, not yet written
     accepted = attempt = failures = 0
 
-    def flush():
-        """Stylise the pending samples together, then write them in order."""
-        stylize_samples(stylizer, [sample for sample, _ in pending])
-        for sample, row in pending:
-            row["bytes"] = writer.write(encode_sample(sample, config.jpeg_quality))
-            if progress is not None:
-                progress(1)
-        pending.clear()
+    def write_done():
+        """Write the batch in flight (waiting for its stylised images), in order."""
+        for batch, job in in_flight:
+            collect_style(job, [sample for sample, _ in batch])
+            for sample, row in batch:
+                row["bytes"] = writer.write(encode_sample(sample, config.jpeg_quality))
+                if progress is not None:
+                    progress(1)
+        in_flight.clear()
 
-    with ShardWriter(out / shard_name(shard)) as writer:
+    def flush():
+        """Send the pending samples to the stylizer, then write the previous batch."""
+        batch = list(pending)
+        pending.clear()
+        job = submit_style(styler, [sample for sample, _ in batch])
+        write_done()
+        in_flight.append((batch, job))
+
+    with contextlib.ExitStack() as stack:
+        if styler is not None:
+            stack.enter_context(styler)
+        writer = stack.enter_context(ShardWriter(out / shard_name(shard)))
         while accepted < count:
             rng = attempt_rng(root_seed, shard, attempt)
             objects = objects_for_attempt(rng, config.objects)
@@ -229,8 +258,8 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
                            category_ids=[int(sampler.bank.category_ids[o.segment_row]) for o in plan.objects])
                 sample = builder.build(plan, key)
                 sample.meta.update(config_hash=chash, seed={"root": root_seed, "shard": shard, "attempt": attempt})
-                if stylizer is not None:
-                    sample.meta["style"] = draw_style(rng, stylizer, config)
+                if styler is not None:
+                    sample.meta["style"] = draw_style(rng, styler, config)
                 row.update(key=key, status="accepted")
                 pending.append((sample, row))
                 accepted += 1
@@ -248,6 +277,7 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
             attempt += 1
             if len(pending) >= config.style_batch or accepted == count:
                 flush()
+        write_done()
     write_sample_rows(rows, out / samples_name(shard))
     stats = make_stats(shard_index=shard, samples=accepted, attempted=attempt, rejected=dict(rejected),
                        bytes=writer.bytes, sha256=writer.sha256, config_hash=chash, root_seed=root_seed,
@@ -291,8 +321,11 @@ def check_out_dir(out: Path, chash: str, root_seed: int, overwrite: bool,
                 "Use another --out, or --overwrite to replace them.")
 
 
-def _run_parallel(tasks, workers: int, bar) -> list[dict]:
-    """Run shard tasks on ``workers`` processes; per-sample progress flows back through a queue."""
+def _run_parallel(tasks, workers: int, bar, style: StyleSpec, served_stylizer=None, log=print) -> list[dict]:
+    """Run shard tasks on ``workers`` processes; per-sample progress flows back through a queue.
+
+    ``served_stylizer``: a stylizer of this process that every worker uses through a
+    :class:`StyleServer` (a GPU one); else each worker makes its own from ``style``."""
     import multiprocessing
 
     manager = multiprocessing.Manager()
@@ -309,18 +342,40 @@ def _run_parallel(tasks, workers: int, bar) -> list[dict]:
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        jobs = (delayed(build_shard)(*task, progress=updates.put) for task in tasks)
-        return list(Parallel(n_jobs=workers, return_as="generator_unordered")(jobs))
+        with contextlib.ExitStack() as stack:
+            server = (stack.enter_context(StyleServer(served_stylizer, manager))
+                      if served_stylizer is not None else None)
+            jobs = (delayed(build_shard)(*task, style=server.styler() if server else style,
+                                         progress=updates.put) for task in tasks)
+            built = list(Parallel(n_jobs=workers, return_as="generator_unordered")(jobs))
+        if server is not None:
+            log(f"style server: {server.served} requests, stylising {server.busy_seconds:.1f} s of "
+                f"{server.open_seconds:.1f} s ({100 * server.busy_seconds / max(server.open_seconds, 1e-9):.0f}% busy)")
+        return built
     finally:
         stop.set()
         reader.join()
         manager.shutdown()
 
 
+def serve_style(stylizer, workers: int, serve: bool | None) -> bool:
+    """Whether the workers share this process's stylizer through a :class:`StyleServer`:
+    ``serve`` if given, else when there are several workers and the stylizer is on a GPU."""
+    if stylizer is None or workers <= 1:
+        return False
+    if serve is not None:
+        return serve
+    device = getattr(stylizer, "device", None)
+    return getattr(device, "type", None) == "cuda"
+
+
 def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0, workers: int = 1,
           overwrite: bool = False, manifests_dir=None, log=None, show_progress: bool = True,
-          style: StyleSpec | None = None) -> dict:
-    """Build (or resume, or extend) ``n`` samples into ``out_dir``; returns the manifest."""
+          style: StyleSpec | None = None, style_server: bool | None = None) -> dict:
+    """Build (or resume, or extend) ``n`` samples into ``out_dir``; returns the manifest.
+
+    ``style_server``: whether several workers share one stylizer in this process (see
+    :func:`serve_style`; default: when it runs on a GPU). The bytes are the same either way."""
     log = log or (lambda message: print(message, file=sys.stderr))
     config.validate()
     if n < 1:
@@ -344,7 +399,7 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     shards = plan_shards(n, config.shard_size)
     done = {k: s for k, c in shards
             if (s := shard_is_done(out, k, c, chash, seed, inputs_sha256)) is not None}
-    todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256, style)
+    todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256)
             for k, c in shards if k not in done]
     if done:
         log(f"resuming: {len(done)} of {len(shards)} shards already complete")
@@ -358,9 +413,12 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     with tqdm(total=total, unit="pair", desc="pairs", disable=not show_progress or total == 0,
               file=sys.stderr, dynamic_ncols=True) as bar:
         if workers == 1:
-            built = [build_shard(*task, progress=bar.update) for task in todo]
+            built = [build_shard(*task, style=style, progress=bar.update) for task in todo]
         else:
-            built = _run_parallel(todo, workers, bar)
+            served = stylizer if serve_style(stylizer, workers, style_server) else None
+            if served is not None:
+                log(f"style server: {workers} workers share one stylizer on {getattr(served, 'device', 'the CPU')}")
+            built = _run_parallel(todo, workers, bar, style, served, log)
     all_stats = list(done.values()) + built
     inputs_record = {"segments": spec.to_json(), **{k: v for k, v in inputs.items() if k != "source"},
                      "style": style_description, "inputs_sha256": inputs_sha256}
