@@ -10,7 +10,11 @@ through the paper's 512 px resize, as a build stylises them. Measured:
    threads, in fp32 and in bf16 autocast (this CPU has AVX-512 BF16);
 2. the mean absolute difference (grey levels) of each fast setting's images from the plain
    fp32 one-at-a-time images, so speed does not silently change the data;
-3. pairs/s of ``datagen build --style adain`` (one worker, batches of ``style_batch`` pairs).
+3. pairs/s of ``datagen build --style adain`` (``--workers``, batches of ``style_batch`` pairs;
+   with a GPU and several workers, through the style server, whose busy share is printed).
+
+On a GPU machine: ``python benchmarks/bench_style.py --device cuda --workers 16 --pairs 400``
+(precisions fp32 and auto = bf16 autocast, batches 1, 8 and 32).
 
 Reference (from the issue): the authors' generator spends 5.9 s per stylised image on one
 thread, re-encoding the style image every time.
@@ -55,9 +59,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=6)
-    parser.add_argument("--precisions", default="fp32,bf16",
-                        help="comma-separated: fp32, bf16 (bf16 is emulated, hence slow, on CPUs without AVX-512 BF16/AMX)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated: fp32, bf16, auto (default: fp32,bf16 on the CPU, where bf16 is emulated, "
+                             "hence slow, without AVX-512 BF16/AMX; fp32,auto on CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=1, help="workers of the build (several share a GPU "
+                        "through the style server)")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    precisions = (args.precisions or ("fp32,auto" if cuda else "fp32,bf16")).split(",")
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,15 +84,15 @@ def main() -> None:
         alphas = rng.random(len(images)).tolist()
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        print(f"{len(images)} content images 480 px -> 512 px, 4 style images, random weights; {cores} cores; "
-              f"native bf16: {'yes' if native_bf16 else 'no'}")
+        device = torch.cuda.get_device_name() if cuda else f"{cores} cores, native bf16: {'yes' if native_bf16 else 'no'}"
+        print(f"{len(images)} content images 480 px -> 512 px, 4 style images, random weights; {device}")
         reference = None
-        for threads in (1, cores):
+        for threads in ((cores,) if cuda else (1, cores)):
             torch.set_num_threads(threads)
-            for precision in args.precisions.split(","):
-                for batch in (1, 8):
+            for precision in precisions:
+                for batch in ((1, 8, 32) if cuda else (1, 8)):
                     stylizer = AdainStylizer(tmp / "vgg_normalised.pth", tmp / "decoder.pth", styles_dir,
-                                             device="cpu", batch_size=batch, precision=precision)
+                                             device=args.device, batch_size=batch, precision=precision)
                     stylizer.precompute()
                     seconds, out = timed(stylizer, images, styles, alphas)
                     if reference is None:
@@ -93,14 +103,21 @@ def main() -> None:
                           f"(mean |diff| from fp32 one-at-a-time: {difference:.2f} grey levels)")
         torch.set_num_threads(cores)
         style = StyleSpec({"style_dir": styles_dir, "vgg_path": tmp / "vgg_normalised.pth",
-                           "decoder_path": tmp / "decoder.pth", "device": "cpu"})
+                           "decoder_path": tmp / "decoder.pth", "device": args.device})
         spec = SourceSpec("coco", {"root": SAMPLE, "split": "train2017"})
-        config = BuildConfig(style="adain", objects="1", shard_size=args.pairs)
+        shard_size = max(1, -(-args.pairs // args.workers))
+        config = BuildConfig(style="adain", objects="1", shard_size=shard_size)
+        messages = []
         start = time.perf_counter()
-        build(config, spec, args.pairs, tmp / "out", style=style, show_progress=False, log=lambda m: None)
+        build(config, spec, args.pairs, tmp / "out", style=style, workers=args.workers, show_progress=False,
+              log=messages.append)
         elapsed = time.perf_counter() - start
-        print(f"build with --style adain (fp32, {cores} threads, one worker): {args.pairs} pairs in "
-              f"{elapsed:.1f} s = {args.pairs / elapsed:.3f} pairs/s (bank scan and model loading included)")
+        print(f"build with --style adain ({args.device}, {args.workers} worker(s), shards of {shard_size}): "
+              f"{args.pairs} pairs in {elapsed:.1f} s = {args.pairs / elapsed:.3f} pairs/s "
+              "(bank scan and model loading included)")
+        for message in messages:
+            if message.startswith("style server"):
+                print(f"  {message}")
         print("reference: the authors' generator, 5.9 s per stylised image on one thread (11.8 s per pair)")
 
 
