@@ -17,7 +17,9 @@ def _say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _source_spec(segments: str, coco_root, coco_split: str):
+def _source_spec(segments: str, coco_root, coco_split: str, images=None, dino_weights=None,
+                 max_size: int = 1024, device: str = "auto", progress: bool = True):
+    """The :class:`SourceSpec` of the source options; usage errors name the option."""
     from .run import SourceSpec
 
     if segments == "coco":
@@ -25,7 +27,25 @@ def _source_spec(segments: str, coco_root, coco_split: str):
             _say(f"no --coco-root given: using the embedded sample of 60 COCO images ({SAMPLE_ROOT})")
             coco_root = SAMPLE_ROOT
         return SourceSpec("coco", {"root": Path(coco_root).resolve(), "split": coco_split})
+    if segments == "lost":
+        if images is None:
+            raise click.UsageError("the lost source needs --images DIR, a folder of images")
+        options = {"images_dir": Path(images).resolve(), "max_size": max_size, "device": device,
+                   "progress": progress}
+        if dino_weights is not None:
+            options["dino_weights"] = Path(dino_weights).resolve()
+        return SourceSpec("lost", options)
     raise click.BadParameter(f"unknown segment source {segments!r}", param_hint="--segments")
+
+
+def _objects_for(segments: str, objects: str | None) -> str:
+    """--objects, defaulting to 'mix' ('1' for lost, whose images hold one segment each)."""
+    if segments == "lost":
+        if objects not in (None, "1"):
+            raise click.UsageError(f"--objects {objects}: the lost source finds one segment per image, and a "
+                                   "two-object pair needs two segments of one image; use --objects 1")
+        return "1"
+    return objects or "mix"
 
 
 def _fail(error: Exception) -> None:
@@ -51,14 +71,27 @@ def _resolve_style(style: str, style_dir):
     return style
 
 
-segments_option = click.option("--segments", "segments", type=click.Choice(sorted(SOURCES)), default="coco",
-                               show_default=True, help="Segment source: 'coco' uses COCO instance annotations.")
+segments_option = click.option(
+    "--segments", "segments", type=click.Choice(sorted(SOURCES)), default="coco", show_default=True,
+    help="Segment source: 'coco' uses COCO instance annotations; 'lost' finds one object in each image of "
+         "--images without any label (LOST on DINO features, refined by a bilateral solver).")
 coco_root_option = click.option(
     "--coco-root", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="COCO root holding annotations/instances_SPLIT.json and SPLIT/*.jpg. "
          "Default: the embedded 60-image sample.")
 coco_split_option = click.option("--coco-split", default="train2017", show_default=True,
                                  help="COCO split name (annotation file and image folder).")
+images_option = click.option(
+    "--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="lost source: folder of images (searched recursively; jpg, png, bmp, tif, webp), e.g. artworks.")
+dino_weights_option = click.option(
+    "--dino-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="lost source: DINO ViT-S/16 weights (dino_deitsmall16_pretrain.pth, or timm's file). "
+         "Default: $SEGSWAP_DINO_WEIGHTS, then ~/.cache/torch/hub/checkpoints/ and ~/.cache/segswap/.")
+max_size_option = click.option(
+    "--max-size", type=click.IntRange(min=0), default=1024, show_default=True,
+    help="lost source: images whose longer side exceeds this many pixels are downscaled for DINO and the "
+         "solver (the masks come back at full resolution); 0: never.")
 min_area_option = click.option("--min-area", type=click.FloatRange(min=0), default=BuildConfig.min_area,
                                show_default=True, help="Skip segments with a smaller mask area (pixels).")
 
@@ -77,6 +110,11 @@ def main():
 @segments_option
 @coco_root_option
 @coco_split_option
+@images_option
+@dino_weights_option
+@max_size_option
+@click.option("--dino-device", default="auto", show_default=True,
+              help="lost source: device of DINO, 'auto' (CUDA when present), 'cpu' or 'cuda'.")
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of pairs to build.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("shards"),
               show_default=True, help="Output directory for shards, per-sample parquet files and manifest.json.")
@@ -84,8 +122,9 @@ def main():
               help="Root seed: the same options and seed give byte-identical shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel worker processes (one shard each). Default: all cores.")
-@click.option("--objects", type=click.Choice(OBJECT_MODES), default="mix", show_default=True,
-              help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half.")
+@click.option("--objects", type=click.Choice(OBJECT_MODES), default=None,
+              help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half. "
+                   "Default: mix, or 1 for --segments lost (one segment per image).")
 @click.option("--style", type=click.Choice(("auto",) + STYLE_METHODS), default="auto", show_default=True,
               help="Style transfer of both images of every pair: 'adain' (AdaIN, needs vgg_normalised.pth and "
                    "decoder.pth), 'color' (weight-free Lab colour transfer, recorded in the manifest), 'none', or "
@@ -125,9 +164,10 @@ def main():
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"),
               show_default=True, help="Also copy manifest.json here (named after --out and the fingerprint).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, style, style_dir, adain_vgg,
-          adain_decoder, style_device, image_size, stride, shard_size, blend, min_area, dilation, border_crop_prob,
-          rotation, aspect_min, tps_prob, jpeg_quality, overwrite, manifests_dir, no_progress):
+def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_device, n, out_dir, seed, workers,
+          objects, style, style_dir, adain_vgg, adain_decoder, style_device, image_size, stride, shard_size, blend,
+          min_area, dilation, border_crop_prob, rotation, aspect_min, tps_prob, jpeg_quality, overwrite,
+          manifests_dir, no_progress):
     """Build N pairs into --out as WebDataset shards with a manifest.
 
     Re-running the same command resumes an interrupted build (only unfinished shards are
@@ -135,6 +175,7 @@ def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, s
     """
     from .run import BuildError, StyleSpec, build as run_build, default_workers
 
+    objects = _objects_for(segments, objects)
     style = _resolve_style(style, style_dir)
     warp = WarpConfig(rotation_deg=rotation, aspect_min=aspect_min, tps_prob=tps_prob)
     try:
@@ -144,7 +185,8 @@ def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, s
                              warp=warp).validate()
     except ValueError as error:
         raise click.UsageError(str(error)) from error
-    spec = _source_spec(segments, coco_root, coco_split)
+    spec = _source_spec(segments, coco_root, coco_split, images, dino_weights, max_size, dino_device,
+                        progress=not no_progress)
     started = time.perf_counter()
     try:
         style_spec = StyleSpec({"style_dir": style_dir} if style == "color" else
@@ -164,19 +206,52 @@ def build(segments, coco_root, coco_split, n, out_dir, seed, workers, objects, s
                f"manifest {out_dir / 'manifest.json'}")
 
 
-@main.command()
+class _DefaultCommandGroup(click.Group):
+    """A group whose arguments go to ``default_command`` unless they start with a command name:
+    ``datagen segments --out B`` is ``datagen segments scan --out B``."""
+
+    def __init__(self, *args, default_command: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultCommandGroup, default_command="scan")
+def segments():
+    """Scan a segment source into a bank (the default: datagen segments [scan] --source ... --out BANK),
+    or score a bank against ground-truth masks (datagen segments eval --pred BANK --gt DIR)."""
+
+
+@segments.command("scan")
 @click.option("--source", "segments", type=click.Choice(sorted(SOURCES)), default="coco", show_default=True,
-              help="Segment source.")
+              help="Segment source: 'coco' (COCO instance annotations) or 'lost' (one object per image of "
+                   "--images, found without labels).")
 @coco_root_option
 @coco_split_option
+@images_option
+@dino_weights_option
+@max_size_option
+@click.option("--device", default="auto", show_default=True,
+              help="lost source: device of DINO, 'auto' (CUDA when present), 'cpu' or 'cuda'.")
 @min_area_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the bank (segments.parquet, images.parquet, skipped.parquet).")
-def segments(segments, coco_root, coco_split, min_area, out_dir):
-    """Scan a segment source into a parquet segment bank and report what was skipped."""
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (lost source).")
+def segments_scan(segments, coco_root, coco_split, images, dino_weights, max_size, device, min_area, out_dir,
+                  no_progress):
+    """Scan a segment source into a parquet segment bank and report what was skipped.
+
+    Example: datagen segments --source lost --images artworks/ --out bank/ (then `datagen segments eval
+    --help` to score it against ground-truth masks).
+    """
     from .run import prepare_bank
 
-    spec = _source_spec(segments, coco_root, coco_split)
+    spec = _source_spec(segments, coco_root, coco_split, images, dino_weights, max_size, device,
+                        progress=not no_progress)
     try:
         record = prepare_bank(spec, BuildConfig(segments=segments, min_area=min_area), out_dir, log=_say)
     except (ValueError, FileNotFoundError) as error:
@@ -184,6 +259,44 @@ def segments(segments, coco_root, coco_split, min_area, out_dir):
     bank = record.get("bank", {})
     click.echo(f"{out_dir}: {bank.get('segments')} segments, {bank.get('images')} images, "
                f"{bank.get('skipped')} skipped")
+    if segments == "lost":
+        import pyarrow.parquet as pq
+
+        ious = pq.read_table(Path(out_dir) / "segments.parquet", columns=["refine_iou"]).column(0).to_numpy()
+        click.echo(f"bilateral solver: {int((ious < 0.5).sum())} of {len(ious)} segments kept LOST's coarse mask "
+                   f"(refinement IoU < 0.5)")
+
+
+@segments.command("eval")
+@click.option("--pred", "bank_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Segment bank to score (e.g. of `datagen segments --source lost --images DATASET/images "
+                   "--min-area 0`).")
+@click.option("--gt", "gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of binary ground-truth masks (grey > 127 is the object), matched to the bank's images "
+                   "by file stem (ECSSD ground_truth_mask/, DUTS-TE-Mask/, DUT-OMRON pixelwiseGT-new-PNG/).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the scores, unmatched masks and problems to this JSON file.")
+def segments_eval(bank_dir, gt_dir, json_path):
+    """Unsupervised saliency scores of a bank (the paper's Table 4): max F-beta (beta^2 = 0.3), IoU and
+    pixel accuracy, for LOST alone and for LOST + bilateral solver."""
+    import json
+
+    from .saliency_eval import evaluate
+
+    try:
+        report = evaluate(bank_dir, gt_dir, progress=True)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+    if report.unmatched:
+        _say(f"{len(report.unmatched)} ground-truth masks have no image in the bank (e.g. "
+             f"{', '.join(report.unmatched[:3])}); they are left out")
+    for name, reason in report.problems[:10]:
+        _say(f"left out {name}: {reason}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if not any(score.images for score in report.scores.values()):
+        _fail(ValueError(f"no ground-truth mask of {gt_dir} matches an image of {bank_dir}"))
+    click.echo(report.table())
 
 
 @main.command()

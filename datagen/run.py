@@ -38,8 +38,8 @@ from .pairs import PairBuilder, Rejected
 from .sampling import Sampler, attempt_rng, objects_for_attempt
 from .schema import encode_sample
 from .segments import SegmentBank, write_bank
-from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
-from .sources import get_source, source_paths
+from .shards import ShardWriter, parse_shard_index, sample_key, shard_name
+from .sources import RUNTIME_OPTIONS, get_source, source_inputs
 from .style import NO_STYLE, make_stylizer
 from .style.pipeline import LocalStyler, RemoteStyler, StyleServer
 
@@ -53,13 +53,15 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where segments come from: a source name and its options (paths are not hashed)."""
+    """Where segments come from: a source name and its options (paths are not hashed; runtime
+    options such as the device are not recorded)."""
 
     name: str
     options: dict
 
     def to_json(self) -> dict:
-        return {"name": self.name, "options": {k: str(v) for k, v in sorted(self.options.items())}}
+        return {"name": self.name, "options": {k: str(v) for k, v in sorted(self.options.items())
+                                               if k not in RUNTIME_OPTIONS}}
 
 
 @dataclass(frozen=True)
@@ -99,23 +101,26 @@ def style_identity(description: dict | None) -> dict | None:
             "weights": {name: entry.get("sha256") for name, entry in sorted(weights.items())}}
 
 
-def inputs_checksum(annotations_sha256: str, style: dict | None) -> str:
-    """One checksum of everything a build reads besides its config: the annotation file, and
-    the style images and weights when there is a style."""
+def inputs_checksum(source_sha256: str, style: dict | None) -> str:
+    """One checksum of everything a build reads besides its config: the source's inputs (COCO:
+    the annotation file's sha256), and the style images and weights when there is a style."""
     if style is None:
-        return annotations_sha256
-    return hashlib.sha256(canonical_json({"annotations": annotations_sha256, "style": style}).encode()).hexdigest()
+        return source_sha256
+    # the key stays "annotations" (COCO's), so that shard sets built before other sources stay current
+    return hashlib.sha256(canonical_json({"annotations": source_sha256, "style": style}).encode()).hexdigest()
 
 
 def source_record(spec: SourceSpec, config: BuildConfig) -> dict:
-    """The inputs record of a source (options, annotation checksum, image root), found without
-    loading the source: resuming a big build must not parse the annotations again."""
-    annotations, images_dir = source_paths(spec.name, **spec.options)
+    """The inputs record of a source (options, its checksums and settings, image root), found
+    without loading the source: resuming a big build must not parse annotations or run LOST again.
+    ``source_sha256`` is one checksum of the source's inputs (see :class:`~datagen.segments.SourceInputs`)."""
+    inputs = source_inputs(spec.name, **spec.options)
     return {
         "source": spec.to_json(),
         "min_area": config.min_area,
-        "annotations_sha256": sha256_file(annotations),
-        "image_root": str(Path(images_dir).resolve()),
+        **inputs.record,
+        "source_sha256": inputs.sha256,
+        "image_root": str(inputs.image_root),
     }
 
 
@@ -140,7 +145,8 @@ def prepare_bank(spec: SourceSpec, config: BuildConfig, bank_dir: Path, log=prin
     if previous is not None:
         return previous
     source = source or get_source(spec.name, min_area=config.min_area, **spec.options)
-    log(f"scanning {spec.name} segments from {source.annotations_path} ...")
+    options = ", ".join(f"{k}={v}" for k, v in spec.to_json()["options"].items())
+    log(f"scanning {spec.name} segments ({options}) ...")
     summary = write_bank(source.scan(), bank_dir)
     record["bank"] = {"segments": summary.segments, "images": summary.images, "skipped": summary.skipped}
     (bank_dir / BANK_INPUTS).write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -390,7 +396,7 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     style = style or StyleSpec({})
     stylizer = style.make(config)  # missing weights or style images fail here too
     style_description = stylizer.describe() if stylizer is not None else None
-    inputs_sha256 = inputs_checksum(record["annotations_sha256"], style_identity(style_description))
+    inputs_sha256 = inputs_checksum(record["source_sha256"], style_identity(style_description))
     out.mkdir(parents=True, exist_ok=True)
     check_out_dir(out, chash, seed, overwrite, inputs_sha256)
     inputs = prepare_bank(spec, config, out / BANK_DIR, log, record=record, source=source)

@@ -58,7 +58,10 @@ class Sampler:
         self.categories = np.unique(categories)
         if len(self.categories) == 0:
             raise ValueError("the segment bank has no segments: nothing to build pairs from")
-        self.rows_by_category = {int(c): np.flatnonzero(categories == c) for c in self.categories}
+        # rows of each category, ascending; grouped by one sort (a LOST bank has a category per segment)
+        order = np.argsort(categories, kind="stable")
+        starts = np.searchsorted(categories[order], self.categories)
+        self.rows_by_category = {int(c): rows for c, rows in zip(self.categories, np.split(order, starts[1:]))}
         self.background_ids = np.asarray(bank.images.image_ids)
         self.two_category_images = np.array(
             [image for image in np.unique(bank.image_ids) if len(bank.categories_of_image(int(image))) >= 2],

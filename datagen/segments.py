@@ -53,6 +53,8 @@ class SegmentRow:
     """COCO compressed RLE ``counts`` (ASCII) of the (image_height, image_width) mask."""
     score: float | None = None
     refine_iou: float | None = None
+    coarse_rle: str | None = None
+    """Unsupervised sources: RLE ``counts`` of the mask before refinement (LOST's coarse mask)."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,26 @@ BankItem = SegmentRow | ImageRow | Skipped
 
 
 class SegmentSource(Protocol):
-    """A provider of segments (COCO annotations, later unsupervised ones)."""
+    """A provider of segments (COCO annotations, unsupervised ones)."""
 
     name: str
 
     def scan(self) -> Iterator[BankItem]:
         ...
+
+
+@dataclass(frozen=True)
+class SourceInputs:
+    """What a source reads, found without loading it (so that resuming a build is cheap).
+
+    image_root: the directory image paths are relative to. record: JSON-able checksums and
+    settings that define the source's segments (recorded in the bank's inputs). sha256: one
+    checksum of them.
+    """
+
+    image_root: Path
+    record: dict
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,10 @@ SEGMENT_SCHEMA = pa.schema([
     ("rle", pa.string()),
     ("score", pa.float64()),
     ("refine_iou", pa.float64()),
+    ("coarse_rle", pa.string()),
 ])
+_OPTIONAL_COLUMNS = ("coarse_rle",)
+"""Segment columns added after the first banks: absent in old files, None when read from them."""
 IMAGE_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("image_id", pa.int64()),
@@ -247,8 +266,9 @@ class SegmentBank:
         if missing:
             raise FileNotFoundError(f"{directory}: not a segment bank, missing {', '.join(missing)}")
         summary = _read_summary(directory)
-        segments = pq.read_table(directory / SEGMENTS_FILE, columns=SEGMENT_SCHEMA.names,
-                                 read_dictionary=_REPEATED_COLUMNS)
+        present = set(pq.read_schema(directory / SEGMENTS_FILE).names)
+        columns = [name for name in SEGMENT_SCHEMA.names if name in present or name not in _OPTIONAL_COLUMNS]
+        segments = pq.read_table(directory / SEGMENTS_FILE, columns=columns, read_dictionary=_REPEATED_COLUMNS)
         images = pq.read_table(directory / IMAGES_FILE, columns=IMAGE_SCHEMA.names)
         if (segments.num_rows, images.num_rows) != (summary.segments, summary.images):
             raise ValueError(

@@ -114,8 +114,8 @@ def test_coco_paths(tmp_path):
 
 def test_unknown_source_lists_known_names():
     assert "coco" in SOURCES
-    with pytest.raises(ValueError, match="lost.*known sources: coco"):
-        get_source("lost")
+    with pytest.raises(ValueError, match="'nope'.*known sources: coco, lost"):
+        get_source("nope")
 
 
 # --- bad annotations ------------------------------------------------------------------------

@@ -1,26 +1,45 @@
-"""Segment sources by name: ``get_source(config.segments, **options)``, and the files a source
-reads, ``source_paths(name, **options)``, found without loading them."""
+"""Segment sources by name: ``get_source(config.segments, **options)``, and what a source reads,
+``source_inputs(name, **options)`` (a :class:`~datagen.segments.SourceInputs`: image root and
+checksums), found without loading it.
+
+- ``"coco"`` (:mod:`datagen.sources.coco`): COCO instance annotations;
+- ``"lost"`` (:mod:`datagen.sources.lost`): unsupervised segments of any folder of images, LOST
+  on DINO features refined by the bilateral solver.
+
+Entries are callables or ``"module:function"`` strings imported on first use, so that listing
+the names (the command line does) imports neither torch nor timm.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
-from datagen.segments import SegmentSource
-from datagen.sources.coco import coco_source_paths, make_coco_source
+from datagen.segments import SegmentSource, SourceInputs
 
-SOURCES: dict[str, Callable[..., SegmentSource]] = {
-    "coco": make_coco_source,
+SOURCES: dict[str, Callable[..., SegmentSource] | str] = {
+    "coco": "datagen.sources.coco:make_coco_source",
+    "lost": "datagen.sources.lost:make_lost_source",
 }
-PATHS: dict[str, Callable[..., tuple]] = {
-    "coco": coco_source_paths,
+"""Source name -> ``(min_area=..., **options) -> source``."""
+INPUTS: dict[str, Callable[..., SourceInputs] | str] = {
+    "coco": "datagen.sources.coco:coco_source_inputs",
+    "lost": "datagen.sources.lost:lost_source_inputs",
 }
-"""Source name -> ``(**options) -> (annotations file, images directory)``."""
+"""Source name -> ``(**options) -> SourceInputs``, without loading the source."""
+RUNTIME_OPTIONS = ("device", "batch_size", "progress")
+"""Options that change how a source runs, not which segments it finds: not recorded, so that
+e.g. resuming a build on another device does not rescan it."""
 
 
-def _lookup(table: dict, name: str):
+def _lookup(table: dict, name: str) -> Callable:
     try:
-        return table[name]
+        entry = table[name]
     except KeyError:
         raise ValueError(f"unknown segment source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
+    if isinstance(entry, str):
+        module, attribute = entry.split(":")
+        entry = getattr(importlib.import_module(module), attribute)
+    return entry
 
 
 def get_source(name: str, **options) -> SegmentSource:
@@ -28,6 +47,6 @@ def get_source(name: str, **options) -> SegmentSource:
     return _lookup(SOURCES, name)(**options)
 
 
-def source_paths(name: str, **options) -> tuple:
-    """(annotations file, images directory) that source ``name`` would read, without reading them."""
-    return _lookup(PATHS, name)(**options)
+def source_inputs(name: str, **options) -> SourceInputs:
+    """What source ``name`` would read with ``options`` (image root, checksums), without loading it."""
+    return _lookup(INPUTS, name)(**{k: v for k, v in options.items() if k not in RUNTIME_OPTIONS})

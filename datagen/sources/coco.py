@@ -16,7 +16,8 @@ from typing import Iterator
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datagen.segments import BankItem, ImageRow, SegmentRow, Skipped
+from datagen.segments import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
+from datagen.shards import sha256_file
 
 MAX_COORDINATE = 1e6
 """Polygon coordinates beyond +-this many pixels are rejected (the rasteriser uses C ints)."""
@@ -55,6 +56,14 @@ def coco_source_paths(*, root=None, split: str = "train2017", annotations=None, 
     if annotations is None or images_dir is None:
         raise ValueError("the coco source needs root=, or annotations= and images_dir=")
     return Path(annotations), Path(images_dir)
+
+
+def coco_source_inputs(**options) -> SourceInputs:
+    """The images directory and the annotation file's sha256 (the source's checksum), found
+    without parsing the file."""
+    annotations, images_dir = coco_source_paths(**options)
+    digest = sha256_file(annotations)
+    return SourceInputs(image_root=images_dir.resolve(), record={"annotations_sha256": digest}, sha256=digest)
 
 
 def make_coco_source(*, min_area: float = 1024.0, **options) -> "CocoSource":

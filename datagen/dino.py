@@ -1,0 +1,211 @@
+"""DINO ViT-S/16 (Caron et al. 2021) through timm, for LOST: finding and loading its weights, and
+the keys of its last attention block on images of any size.
+
+The network is timm's ``vit_small_patch16_224`` built with ``dynamic_img_size=True`` (position
+embeddings interpolated bicubically to any grid) and no classifier. The official DINO backbone
+file ``dino_deitsmall16_pretrain.pth`` has exactly timm's key names (``cls_token``, ``pos_embed``
+(1, 197, 384), ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``,
+``norm.*``), so it loads without renaming; so do timm's own files (``.pth``/``.bin``/
+``.safetensors``). Files are read with ``torch.load(weights_only=True)`` only.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ARCH = "vit_small_patch16_224"
+PATCH = 16
+DIM = 384
+HEADS = 6
+DINO_FILE = "dino_deitsmall16_pretrain.pth"
+DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
+DINO_ENV = "SEGSWAP_DINO_WEIGHTS"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CONTAINERS = ("teacher", "state_dict", "model", "student")
+"""A checkpoint dict without tensors at its top level is unwrapped to the first of these keys
+that holds them (DINO's full training checkpoints keep "teacher" and "student"; the teacher is
+the network DINO evaluates)."""
+WRAPPER = "module."
+"""Key prefix removed when every key has it (DistributedDataParallel)."""
+BACKBONE = "backbone."
+"""DINO's MultiCropWrapper: when keys have this prefix, only those are kept (not its "head.")."""
+DROPPED = ("head.", "fc_norm.")
+"""Keys of heads LOST does not use: DINO's projection head, a timm classifier."""
+
+
+class DinoWeightsError(ValueError):
+    """DINO weights that cannot be found or used; the message names the file and what to do."""
+
+
+def dino_cache_dirs() -> list[Path]:
+    """Where :func:`find_dino_weights` looks last: torch hub's checkpoint directory
+    (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``, where
+    ``torch.hub.load('facebookresearch/dino:main', 'dino_vits16')`` saves the file) and
+    ``${XDG_CACHE_HOME:-~/.cache}/segswap``."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    torch_home = Path(os.environ.get("TORCH_HOME") or cache / "torch")
+    return [torch_home / "hub" / "checkpoints", cache / "segswap"]
+
+
+def find_dino_weights(explicit=None) -> Path:
+    """Path of the DINO ViT-S/16 weights: ``explicit`` (``--dino-weights``), else
+    ``$SEGSWAP_DINO_WEIGHTS``, else ``dino_deitsmall16_pretrain.pth`` in :func:`dino_cache_dirs`.
+
+    A path given explicitly or by the environment must exist (it is not replaced by a cached
+    file). Raises :class:`DinoWeightsError` naming the file, its URL and where to put it.
+    """
+    for value, origin in ((explicit, "--dino-weights"), (os.environ.get(DINO_ENV), f"${DINO_ENV}")):
+        if value is not None and str(value) != "":
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise DinoWeightsError(f"DINO weights file not found: {path} (given by {origin})")
+            return path
+    dirs = dino_cache_dirs()
+    for directory in dirs:
+        if (directory / DINO_FILE).is_file():
+            return directory / DINO_FILE
+    raise DinoWeightsError(
+        f"no DINO weights found: LOST needs the DINO ViT-S/16 backbone {DINO_FILE} "
+        f"(looked at ${DINO_ENV}, then in {' and '.join(map(str, dirs))}). Download it from {DINO_URL} "
+        f"and put it in {dirs[0]}/, or pass --dino-weights PATH, or set ${DINO_ENV}=PATH.")
+
+
+def make_vit() -> nn.Module:
+    """timm's ViT-S/16 with random weights, no classifier, any input size multiple of 16, in eval
+    mode and frozen. Never downloads anything."""
+    import timm
+
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, dynamic_img_size=True)
+    return model.eval().requires_grad_(False)
+
+
+def _read(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise DinoWeightsError(f"{path}: reading .safetensors needs the 'safetensors' package") from error
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # noqa: BLE001 - any reader error names the file
+            raise DinoWeightsError(f"{path}: not a readable safetensors file ({error})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DinoWeightsError(
+            f"{path}: torch.load(weights_only=True) refuses it (not a PyTorch file, corrupt, or it "
+            "holds Python objects other than tensors; such files are never unpickled here)") from None
+    except Exception as error:  # noqa: BLE001 - zip, OS and torch errors alike
+        first_line = (str(error).splitlines() or [""])[0]
+        raise DinoWeightsError(f"{path}: cannot read it as a PyTorch file ({type(error).__name__}: "
+                               f"{first_line})") from None
+
+
+def _is_state(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def dino_state_dict(checkpoint, path) -> dict:
+    """The ViT state dict inside a loaded checkpoint (see :data:`CONTAINERS`, :data:`WRAPPER`,
+    :data:`BACKBONE`, :data:`DROPPED`); :class:`DinoWeightsError` naming ``path`` if there is none."""
+    state = checkpoint
+    if not _is_state(state):
+        inner = [checkpoint[k] for k in CONTAINERS if isinstance(checkpoint, dict) and _is_state(checkpoint.get(k))]
+        if not inner:
+            what = (f"a dict with keys {', '.join(map(str, list(checkpoint)[:8]))}"
+                    if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}")
+            raise DinoWeightsError(f"{path}: not a ViT state dict: the file holds {what}, and no state dict "
+                                   f"under {', '.join(map(repr, CONTAINERS))}")
+        state = inner[0]
+    state = {str(k): v for k, v in state.items()}
+    if all(k.startswith(WRAPPER) for k in state):
+        state = {k[len(WRAPPER):]: v for k, v in state.items()}
+    backbone = {k[len(BACKBONE):]: v for k, v in state.items() if k.startswith(BACKBONE)}
+    state = backbone or state
+    return {k: v for k, v in state.items() if not k.startswith(DROPPED)}
+
+
+def load_state(model: nn.Module, state: dict, path) -> nn.Module:
+    """Load ``state`` into ``model`` (in place; returns it). Every key of the model must be there
+    with its shape and float, and no other key may be: else :class:`DinoWeightsError` listing the
+    missing, unexpected and mis-shaped keys and naming ``path``."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong += [f"{k} ({state[k].dtype}, expected float)" for k in expected
+              if k in state and not state[k].is_floating_point()]
+    problems = [f"{len(keys)} {what} key(s): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (wrong, "wrong"))
+                if keys]
+    if problems:
+        raise DinoWeightsError(f"{path}: not DINO ViT-S/16 ({ARCH}) weights: {'; '.join(problems)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model
+
+
+def load_dino(path, device="cpu") -> nn.Module:
+    """:func:`make_vit` with the weights of file ``path`` (official DINO or timm layout), on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DinoWeightsError(f"DINO weights file not found: {path}")
+    model = load_state(make_vit(), dino_state_dict(_read(path), path), path)
+    return model.to(device)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else as torch names it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def padded_grid(height: int, width: int) -> tuple[int, int]:
+    """(h, w) patch grid of an image of ``height`` x ``width`` pixels padded to multiples of 16."""
+    return -(-height // PATCH), -(-width // PATCH)
+
+
+def image_batch(images: list[np.ndarray], device="cpu") -> torch.Tensor:
+    """Same-size (H, W, 3) uint8 RGB images -> (B, 3, 16h, 16w) float32, ImageNet-normalised, then
+    padded with zeros (the mean colour) on the right and bottom to multiples of 16, as LOST does."""
+    height, width = images[0].shape[:2]
+    if any(image.shape != images[0].shape for image in images):
+        raise ValueError("image_batch needs images of one size")
+    batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
+    h, w = padded_grid(height, width)
+    padded = torch.zeros((len(images), 3, h * PATCH, w * PATCH), device=batch.device)
+    padded[:, :, :height, :width] = (batch - mean) / std
+    return padded
+
+
+@torch.no_grad()
+def last_keys(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Keys of the last block's attention: (B, 3, 16h, 16w) -> (B, h * w, 384) float32, the heads'
+    keys concatenated (head-major), the CLS token dropped.
+
+    Captured by a hook on ``blocks[-1].attn.qkv`` (output (B, 1 + h * w, 3 * 384), laid out as
+    (3, heads, head_dim)), so it does not depend on how timm computes the attention itself.
+    """
+    captured = {}
+    qkv_layer = model.blocks[-1].attn.qkv
+    handle = qkv_layer.register_forward_hook(lambda module, inputs, output: captured.setdefault("qkv", output))
+    try:
+        model.forward_features(batch)
+    finally:
+        handle.remove()
+    qkv = captured["qkv"]
+    batch_size, tokens, _ = qkv.shape
+    heads = model.blocks[-1].attn.num_heads
+    keys = qkv.reshape(batch_size, tokens, 3, heads, -1)[:, :, 1]  # (B, N, heads, head_dim)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    return keys.reshape(batch_size, tokens, -1)[:, prefix:].float()

@@ -1,0 +1,164 @@
+"""DINO ViT-S/16 weights and features (datagen.dino); nothing is downloaded: state dicts with the
+official key names get random values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datagen.dino import (DINO_ENV, DINO_FILE, DINO_URL, IMAGENET_MEAN, DinoWeightsError, find_dino_weights,
+                          image_batch, last_keys, load_dino, make_vit)
+
+
+def official_shapes() -> dict[str, tuple]:
+    """Keys and shapes of the official dino_deitsmall16_pretrain.pth (DINO's vision_transformer.py,
+    ViT-S/16: dim 384, 12 blocks, MLP 1536, no head), written out independently of timm."""
+    shapes = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
+              "patch_embed.proj.bias": (384,)}
+    for block in range(12):
+        for name, shape in (("norm1.weight", (384,)), ("norm1.bias", (384,)), ("attn.qkv.weight", (1152, 384)),
+                            ("attn.qkv.bias", (1152,)), ("attn.proj.weight", (384, 384)), ("attn.proj.bias", (384,)),
+                            ("norm2.weight", (384,)), ("norm2.bias", (384,)), ("mlp.fc1.weight", (1536, 384)),
+                            ("mlp.fc1.bias", (1536,)), ("mlp.fc2.weight", (384, 1536)), ("mlp.fc2.bias", (384,))):
+            shapes[f"blocks.{block}.{name}"] = shape
+    shapes.update({"norm.weight": (384,), "norm.bias": (384,)})
+    return shapes
+
+
+def official_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in official_shapes().items()}
+
+
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dino") / DINO_FILE
+    state = official_state()
+    torch.save(state, path)
+    return path, state
+
+
+def assert_loaded(model, state: dict) -> None:
+    loaded = model.state_dict()
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key].cpu(), value), key
+
+
+def test_official_key_names_load_into_the_timm_vit(official_file):
+    path, state = official_file
+    assert_loaded(load_dino(path), state)
+
+
+@pytest.mark.parametrize("wrap", ["teacher_student", "module_prefix", "timm_with_classifier"])
+def test_wrapped_checkpoints_load(tmp_path, wrap):
+    state = official_state(seed=1)
+    if wrap == "teacher_student":  # DINO's full checkpoint: the teacher is the one evaluated
+        checkpoint = {"student": {f"module.backbone.{k}": v + 1 for k, v in state.items()},
+                      "teacher": {**{f"backbone.{k}": v for k, v in state.items()},
+                                  "head.mlp.0.weight": torch.zeros(2048, 384), "head.last_layer.weight_g": torch.ones(1)},
+                      "epoch": 100, "args": "not a tensor"}
+    elif wrap == "module_prefix":
+        checkpoint = {f"module.{k}": v for k, v in state.items()}
+    else:  # timm's own state dict of a classifier: head.* is dropped
+        checkpoint = {**state, "head.weight": torch.zeros(1000, 384), "head.bias": torch.zeros(1000)}
+    path = tmp_path / "weights.pth"
+    torch.save(checkpoint, path)
+    assert_loaded(load_dino(path), state)
+
+
+def test_safetensors_file_loads(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    state = official_state(seed=2)
+    path = tmp_path / "model.safetensors"
+    safetensors.save_file(state, str(path))
+    assert_loaded(load_dino(path), state)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
+    state = official_state()
+    del state["blocks.3.attn.qkv.weight"]
+    state["blocks.12.norm1.weight"] = torch.zeros(384)
+    state["pos_embed"] = torch.zeros(1, 50, 384)
+    path = tmp_path / "other.pth"
+    torch.save(state, path)
+    with pytest.raises(DinoWeightsError) as error:
+        load_dino(path)
+    message = str(error.value)
+    assert str(path) in message
+    for part in ("missing key(s): blocks.3.attn.qkv.weight", "unexpected key(s): blocks.12.norm1.weight",
+                 "pos_embed (1, 50, 384) (expected (1, 197, 384))"):
+        assert part in message, message
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", "pickle"])
+def test_files_that_are_not_weights_are_refused_naming_the_file(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    if content == "pickle":
+        torch.save({"not": "tensors"}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DinoWeightsError, match=str(path)):
+        load_dino(path)
+
+
+def test_weights_are_found_explicitly_then_by_env_then_in_the_caches(tmp_path, monkeypatch):
+    monkeypatch.delenv(DINO_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(DinoWeightsError) as error:
+        find_dino_weights()
+    message = str(error.value)
+    assert DINO_FILE in message and DINO_URL in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "--dino-weights" in message and DINO_ENV in message
+
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / DINO_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert find_dino_weights() == cached
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"y")
+    monkeypatch.setenv(DINO_ENV, str(other))
+    assert find_dino_weights() == other
+    assert find_dino_weights(cached) == cached
+    with pytest.raises(DinoWeightsError, match="missing.pth.*--dino-weights"):
+        find_dino_weights(tmp_path / "missing.pth")
+    monkeypatch.setenv(DINO_ENV, str(tmp_path / "gone.pth"))
+    with pytest.raises(DinoWeightsError, match=f"gone.pth.*{DINO_ENV}"):
+        find_dino_weights()
+
+
+def test_images_are_normalised_and_padded_to_multiples_of_16():
+    mean_colour = np.round(np.array(IMAGENET_MEAN) * 255).astype(np.uint8)
+    image = np.tile(mean_colour, (50, 70, 1))
+    image[0, 0] = 255
+    batch = image_batch([image, image])
+    assert batch.shape == (2, 3, 64, 80)
+    assert batch[:, :, 50:].abs().max() == 0 and batch[:, :, :, 70:].abs().max() == 0  # zero padding
+    assert batch[0, :, 1:50, 1:70].abs().max() < 0.01  # the mean colour is ~0
+    assert batch[0, 0, 0, 0] == pytest.approx((1 - 0.485) / 0.229)
+    with pytest.raises(ValueError, match="one size"):
+        image_batch([image, image[:48]])
+
+
+def test_last_keys_are_the_keys_of_the_last_block_for_a_size_not_multiple_of_16():
+    model = make_vit()
+    qkv = model.blocks[-1].attn.qkv
+    with torch.no_grad():  # output = bias: q = 1, k = 0..383 (head-major), v = -1
+        qkv.weight.zero_()
+        qkv.bias.copy_(torch.cat([torch.ones(384), torch.arange(384.0), -torch.ones(384)]))
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    keys = last_keys(model, image_batch([image]))
+    assert keys.shape == (1, 4 * 5, 384)  # CLS dropped, a 4 x 5 grid of patches
+    assert torch.equal(keys[0], torch.arange(384.0).expand(20, 384))
+
+
+def test_last_keys_depend_on_the_image_and_not_on_the_batch():
+    model = make_vit()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (48, 32, 3), dtype=np.uint8) for _ in range(2)]
+    together = last_keys(model, image_batch(images))
+    alone = last_keys(model, image_batch(images[1:]))
+    assert together.shape == (2, 3 * 2, 384)
+    torch.testing.assert_close(together[1], alone[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(together[0], together[1])
