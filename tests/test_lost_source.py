@@ -249,3 +249,19 @@ def test_build_with_lost_refuses_two_object_pairs(images, weights, tmp_path):
                                                  "--objects", "mix"]), expect=2)
     assert "--objects 1" in all_output(result)
     assert not out.exists()
+
+
+def test_segments_subcommands_and_lost_options_are_documented():
+    from datagen.cli import main
+
+    group = main.commands["segments"]
+    for command in (main.commands["build"], group.commands["scan"], group.commands["eval"]):
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help, f"{command.name} {param.opts[0]} has no help text"
+    scan_help = run_cli(["segments", "--help"]).output  # `segments` alone is `segments scan`
+    for option in ("--source", "--images", "--dino-weights", "--max-size", "--device", "segments eval"):
+        assert option in scan_help, option
+    build_help = run_cli(["build", "--help"]).output
+    for option in ("--images", "--dino-weights", "--max-size", "--dino-device"):
+        assert option in build_help, option

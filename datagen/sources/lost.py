@@ -161,6 +161,7 @@ class LostSource:
     at the image's resolution) are skipped. ``device``: 'auto' (CUDA when present), 'cpu',
     'cuda'. ``batch_size``: images per DINO forward (same-size images only; default 8 on CUDA, 1
     on the CPU). ``model``: an already loaded ViT (tests), instead of loading ``weights``.
+    ``loaders``: threads decoding the next images while DINO and the solver work.
     """
 
     name = NAME
