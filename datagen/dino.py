@@ -1,20 +1,23 @@
 """DINO ViT-S/16 (Caron et al. 2021) through timm, for LOST: finding and loading its weights, and
 the keys of its last attention block on images of any size.
 
-The network is timm's ``vit_small_patch16_224`` built with ``dynamic_img_size=True`` (position
-embeddings interpolated bicubically to any grid) and no classifier. The official DINO backbone
-file ``dino_deitsmall16_pretrain.pth`` has exactly timm's key names (``cls_token``, ``pos_embed``
-(1, 197, 384), ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``,
-``norm.*``), so it loads without renaming; so do timm's own files (``.pth``/``.bin``/
-``.safetensors``). Files are read with ``torch.load(weights_only=True)`` only.
+The network is timm's ``vit_small_patch16_224`` (:func:`dino_vit_class`: timm's
+VisionTransformer with that architecture, no classifier, any input size) whose position
+embeddings are interpolated to the image's grid exactly as DINO's own ``interpolate_pos_encoding``
+does (:func:`dino_pos_embed`). The official DINO backbone file ``dino_deitsmall16_pretrain.pth``
+has exactly timm's key names (``cls_token``, ``pos_embed`` (1, 197, 384), ``patch_embed.proj.*``,
+``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``), so it loads
+without renaming; so do timm's own files (``.pth``/``.bin``/``.safetensors``). Files are read with ``torch.load(weights_only=True)`` only.
 
-Position embeddings are resampled by timm (bicubic with antialiasing, i.e. Pillow's kernel), not
-by DINO's own ``interpolate_pos_encoding`` (torch's plain bicubic, scale factor with a 0.1
-offset): the two embeddings differ by a few percent (2-3 % of their norm on 30 x 40 grids, 6 % on
-8 x 10), so the features are close to, not identical with, those of the reference LOST code.
+timm's own resampling (``dynamic_img_size=True``: bicubic with antialiasing, to an output size)
+differs from DINO's (torch's plain bicubic with a scale factor of (grid + 0.1) / 14) by 2-6 % of
+the embedding's norm, which would make the features differ from the reference LOST code's; hence
+the override.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pickle
 from pathlib import Path
@@ -82,12 +85,52 @@ def find_dino_weights(explicit=None) -> Path:
         f"and put it in {dirs[0]}/, or pass --dino-weights PATH, or set ${DINO_ENV}=PATH.")
 
 
-def make_vit() -> nn.Module:
-    """timm's ViT-S/16 with random weights, no classifier, any input size multiple of 16, in eval
-    mode and frozen. Never downloads anything."""
-    import timm
+VIT_S16 = dict(patch_size=PATCH, embed_dim=DIM, depth=12, num_heads=HEADS)
+"""timm's ``vit_small_patch16_224`` architecture (its ``model_args``)."""
 
-    model = timm.create_model(ARCH, pretrained=False, num_classes=0, dynamic_img_size=True)
+
+def dino_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """DINO's ``interpolate_pos_encoding``: (1, 1 + N, D) embeddings of a sqrt(N) x sqrt(N) grid
+    -> (1, 1 + rows * cols, D) for a rows x cols grid (CLS first, then patches row-major).
+
+    Bicubic (torch, align_corners=False) with scale factors ((rows + 0.1) / sqrt(N),
+    (cols + 0.1) / sqrt(N)) — the 0.1 avoids floating-point rounding of the output size — and
+    unchanged when the grid is the training grid.
+    """
+    patches = pos_embed.shape[1] - 1
+    side = int(math.sqrt(patches))
+    if rows == cols == side:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = nn.functional.interpolate(grid.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+                                     mode="bicubic")
+    if grid.shape[-2:] != (rows, cols):
+        raise ValueError(f"position embeddings interpolated to {tuple(grid.shape[-2:])}, not {(rows, cols)}")
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+    return torch.cat([pos_embed[:, :1], grid], dim=1)
+
+
+@functools.cache
+def dino_vit_class() -> type:
+    """``DinoViT``: timm's VisionTransformer taking (B, 3, 16 h, 16 w) images of any h, w, with
+    DINO's position-embedding interpolation (:func:`dino_pos_embed`). Made on first use, so that
+    importing this module does not import timm (seconds)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class DinoViT(VisionTransformer):
+        def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+            batch, rows, cols, dim = x.shape  # patch tokens, as timm's dynamic_img_size gives them
+            tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
+            return self.pos_drop(tokens + dino_pos_embed(self.pos_embed, rows, cols))
+
+    return DinoViT
+
+
+def make_vit() -> nn.Module:
+    """DINO's ViT-S/16 (timm's ``vit_small_patch16_224``) with random weights, no classifier, any
+    input size multiple of 16, in eval mode and frozen. Never downloads anything."""
+    model = dino_vit_class()(num_classes=0, dynamic_img_size=True, **VIT_S16)
     return model.eval().requires_grad_(False)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datagen.dino import (DINO_ENV, DINO_FILE, DINO_URL, IMAGENET_MEAN, DinoWeightsError, find_dino_weights,
-                          image_batch, last_keys, load_dino, make_vit)
+                          dino_pos_embed, image_batch, last_keys, load_dino, make_vit)
 
 
 def official_shapes() -> dict[str, tuple]:
@@ -162,3 +162,51 @@ def test_last_keys_depend_on_the_image_and_not_on_the_batch():
     assert together.shape == (2, 3 * 2, 384)
     torch.testing.assert_close(together[1], alone[0], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(together[0], together[1])
+
+
+def reference_interpolate_pos_encoding(pos_embed, height, width, patch=16):
+    """DINO's VisionTransformer.interpolate_pos_encoding (facebookresearch/dino, vision_transformer.py)
+    for an input of height x width pixels, as written there."""
+    import math
+
+    N = pos_embed.shape[1] - 1
+    if (height // patch) * (width // patch) == N and height == width:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0 = height // patch  # DINO names the rows "w" (B, nc, w, h = x.shape)
+    h0 = width // patch
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode="bicubic")
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("rows, cols", [(30, 40), (4, 5), (14, 14), (23, 14)])
+def test_position_embeddings_are_interpolated_as_dino_does(rows, cols):
+    pos_embed = torch.randn(1, 197, 384)
+    ours = dino_pos_embed(pos_embed, rows, cols)
+    assert ours.shape == (1, 1 + rows * cols, 384)
+    torch.testing.assert_close(ours, reference_interpolate_pos_encoding(pos_embed, 16 * rows, 16 * cols))
+
+
+def test_the_network_adds_dinos_position_embeddings():
+    """With every block switched off, the keys of the last block are a linear map of the patch
+    tokens plus DINO's interpolated position embeddings: check it on a 3 x 5 grid."""
+    model = make_vit()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        for block in model.blocks:  # residual branches output zero: tokens pass through unchanged
+            block.attn.proj.weight.zero_(), block.attn.proj.bias.zero_()
+            block.mlp.fc2.weight.zero_(), block.mlp.fc2.bias.zero_()
+        qkv, norm = model.blocks[-1].attn.qkv, model.blocks[-1].norm1
+        qkv.weight.zero_(), qkv.bias.zero_()
+        qkv.weight[384:768] = torch.eye(384)  # keys = norm1(tokens)
+    batch = torch.zeros(1, 3, 48, 80)  # zero image: patch tokens are the patch-embedding bias
+    keys = last_keys(model, batch)
+    tokens = model.patch_embed.proj.bias + dino_pos_embed(model.pos_embed, 3, 5)[0, 1:]
+    torch.testing.assert_close(keys[0], norm(tokens), atol=1e-5, rtol=1e-5)
