@@ -38,23 +38,35 @@ def _poisson_region(patch: np.ndarray, target: np.ndarray, mask: np.ndarray) -> 
 
     The guidance field is G = grad(target) + m * grad(patch - target) with m the eroded mask and
     forward differences (OpenCV's). Writing the result as target + u, u vanishes on the boundary
-    ring and solves the 5-point Laplace equation  lap(u) = div(m * grad(patch - target)).
+    ring and solves the 5-point Laplace equation  lap(u) = div(m * grad(patch - target)),
+    diagonalised by the DST-I: u = idst(dst(rhs) / eigenvalues). float32 throughout.
     """
     inner = cv2.erode(mask, _ERODE_KERNEL, iterations=3, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     weight = (inner > 0).astype(np.float32)[..., None]
-    target_f = target.astype(np.float32)
-    delta = patch.astype(np.float32) - target_f
-    flux_x = weight[:, :-1] * (delta[:, 1:] - delta[:, :-1])
-    flux_y = weight[:-1] * (delta[1:] - delta[:-1])
-    rhs = (flux_x[1:-1, 1:] - flux_x[1:-1, :-1]) + (flux_y[1:, 1:-1] - flux_y[:-1, 1:-1])
+    delta = cv2.subtract(patch, target, dtype=cv2.CV_32F)  # (h, w, 3) float32, in one pass
+    flux_x = np.subtract(delta[:, 1:], delta[:, :-1])
+    flux_x *= weight[:, :-1]
+    flux_y = np.subtract(delta[1:], delta[:-1])
+    flux_y *= weight[:-1]
+    rhs = np.subtract(flux_x[1:-1, 1:], flux_x[1:-1, :-1])
+    rhs += flux_y[1:, 1:-1]
+    rhs -= flux_y[:-1, 1:-1]
     h, w = mask.shape
-    eig_y = 2 * np.cos(np.pi * np.arange(1, h - 1) / (h - 1)) - 2
-    eig_x = 2 * np.cos(np.pi * np.arange(1, w - 1) / (w - 1)) - 2
-    eigen = (eig_y[:, None] + eig_x[None, :]).astype(np.float32)[..., None]
-    spectrum = fft.dstn(rhs, type=1, axes=(0, 1), norm="ortho", workers=1)
-    spectrum /= eigen
-    target_f[1:-1, 1:-1] += fft.idstn(spectrum, type=1, axes=(0, 1), norm="ortho", workers=1)
-    return np.clip(np.rint(target_f), 0, 255).astype(np.uint8)
+    spectrum = fft.dstn(rhs, type=1, axes=(0, 1), norm="ortho", workers=1, overwrite_x=True)
+    spectrum /= _laplacian_eigenvalues(h - 2, w - 2)[..., None]
+    correction = fft.idstn(spectrum, type=1, axes=(0, 1), norm="ortho", workers=1, overwrite_x=True)
+    out = target.copy()
+    # target + u, rounded half to even and saturated to 0..255 like np.clip(np.rint(.)), in one pass
+    out[1:-1, 1:-1] = cv2.add(target[1:-1, 1:-1], correction, dtype=cv2.CV_8U)
+    return out
+
+
+def _laplacian_eigenvalues(rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) float32 eigenvalues of the 5-point Laplacian with zero Dirichlet boundary,
+    in the order of scipy's DST-I coefficients: 2 cos(pi i / (rows + 1)) + 2 cos(pi j / (cols + 1)) - 4."""
+    eig_y = 2 * np.cos(np.pi * np.arange(1, rows + 1) / (rows + 1)) - 2
+    eig_x = 2 * np.cos(np.pi * np.arange(1, cols + 1) / (cols + 1)) - 2
+    return np.add.outer(eig_y.astype(np.float32), eig_x.astype(np.float32))
 
 
 def _fast_span(start: int, length: int, limit: int) -> tuple[int, int]:

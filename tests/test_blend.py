@@ -59,3 +59,35 @@ def test_patch_outside_the_target_is_refused(images):
     target, patch, mask = images
     with pytest.raises(ValueError, match="leaves"):
         blend("poisson", patch, mask, target, (400, 400))
+
+
+def test_dst_solver_solves_the_normal_clone_equations_exactly():
+    """On a small rectangle, the DST solution equals a direct sparse solve of the same system
+    (5-point Laplacian of u = div(m grad(patch - target)), u = 0 on the boundary ring), up to the
+    final rounding to uint8."""
+    from scipy.sparse import diags, identity, kron
+    from scipy.sparse.linalg import spsolve
+
+    from datagen.blend import _poisson_region
+
+    rng = np.random.default_rng(0)
+    h, w = 23, 31
+    target = cv2.GaussianBlur(rng.integers(60, 190, (h, w, 3)).astype(np.uint8), (5, 5), 0)
+    patch = cv2.GaussianBlur(rng.integers(40, 210, (h, w, 3)).astype(np.uint8), (5, 5), 0)
+    mask = np.zeros((h, w), np.uint8)
+    cv2.ellipse(mask, (15, 11), (12, 8), 0, 0, 360, 255, -1)
+    m = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=3, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    delta = patch.astype(float) - target
+    flux_x = m[:, :-1, None] * np.diff(delta, axis=1)
+    flux_y = m[:-1, :, None] * np.diff(delta, axis=0)
+    rhs = np.diff(flux_x[1:-1], axis=1) + np.diff(flux_y[:, 1:-1], axis=0)  # (h - 2, w - 2, 3)
+    second = lambda n: diags([1.0, -2.0, 1.0], [-1, 0, 1], shape=(n, n))  # noqa: E731
+    laplacian = (kron(identity(h - 2), second(w - 2)) + kron(second(h - 2), identity(w - 2))).tocsc()
+    expected = target.astype(float)
+    for c in range(3):
+        expected[1:-1, 1:-1, c] += spsolve(laplacian, rhs[..., c].ravel()).reshape(h - 2, w - 2)
+    expected = np.clip(np.rint(expected), 0, 255)
+    ours = _poisson_region(patch, target, mask)
+    assert np.abs(ours.astype(int) - expected).max() <= 1
+    assert np.abs(ours.astype(int) - expected).mean() < 0.01
+    assert np.abs(ours.astype(int) - target).max() > 10  # the patch did change the region
