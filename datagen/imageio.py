@@ -40,11 +40,15 @@ def load_rgb(path, *, min_side: int = 32, max_pixels: int = 100_000_000,
     """
     data = _read_bytes(path)
     _check_complete(path, data)
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8),
-                           cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if decoded is None:
+    if data.startswith(JPEG_START):
+        # 8-bit by construction: libjpeg-turbo writes RGB (from Y, YCbCr or CMYK) straight into
+        # the output, which saves a BGR -> RGB pass over the image
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    else:
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+        image = None if decoded is None else _to_rgb8(path, decoded)
+    if image is None:
         raise BadInput(path, "cannot decode image (corrupt or unsupported format)")
-    image = _to_rgb8(path, decoded)
     _check_size(path, image, min_side, max_pixels, expected_size)
     return image
 

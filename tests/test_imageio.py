@@ -167,3 +167,21 @@ def test_huge_image(jpeg):
 def test_expected_size(jpeg):
     assert load_rgb(jpeg, expected_size=(640, 480)).shape == (480, 640, 3)
     assert reason_of(jpeg, expected_size=(480, 640)) == "image is 640x480, annotation says 480x640"
+
+
+def test_jpeg_decodes_straight_to_the_rgb_of_opencvs_bgr_decode(jpeg):
+    """JPEGs are decoded to RGB by libjpeg itself; the pixels are those of the BGR decode."""
+    bgr = cv2.imread(str(jpeg), cv2.IMREAD_COLOR_BGR | cv2.IMREAD_IGNORE_ORIENTATION)
+    np.testing.assert_array_equal(load_rgb(jpeg), bgr[:, :, ::-1])
+
+
+def test_grayscale_jpeg_becomes_rgb(tmp_path, rgb):
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    path = tmp_path / "gray.jpg"
+    assert cv2.imwrite(str(path), gray)
+    decoded_gray = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert decoded_gray.ndim == 2
+    image = load_rgb(path)
+    assert image.shape == (480, 640, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(image[:, :, channel], decoded_gray)
