@@ -6,14 +6,29 @@ from pathlib import Path
 
 import click
 
-from .config import TrainConfig, TransformerConfig
+from .config import NCNetConfig, TrainConfig, TransformerConfig
 
 DEFAULTS = TrainConfig()
 TDEFAULTS = TransformerConfig()
+NDEFAULTS = NCNetConfig()
+ARCHITECTURES = ("transformer", "ncnet")
 
 
 def _fail(error: Exception) -> None:
     raise click.ClickException(str(error)) from error
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    """'3,3' -> (3, 3); a usage error naming the option otherwise."""
+    try:
+        numbers = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as '3,3', got {value!r}") from None
+    return numbers
+
+
+def _joined(numbers) -> str:
+    return ",".join(str(n) for n in numbers)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,7 +45,9 @@ def main():
                    "('shards/shard-{000000..000099}.tar') or .tar file.")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/transformer"),
               show_default=True, help="Run directory: checkpoint.pt, metrics.csv, tensorboard/, run.json.")
-@click.option("--arch", default=DEFAULTS.arch, show_default=True, help="Network: 'transformer'.")
+@click.option("--arch", type=click.Choice(ARCHITECTURES), default=DEFAULTS.arch, show_default=True,
+              help="Network: 'transformer' (the cross-image transformer) or 'ncnet' (Sparse NC-Net, the paper's "
+                   "second network; --ncnet-* options).")
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True,
               help="Total training steps (the paper: 200k).")
 @click.option("--positives", type=click.IntRange(min=1), default=DEFAULTS.positives, show_default=True,
@@ -53,6 +70,16 @@ def main():
               help="Attention heads.")
 @click.option("--feedforward", type=click.IntRange(min=1), default=TDEFAULTS.feedforward, show_default=True,
               help="Feed-forward width.")
+@click.option("--ncnet-k", type=click.IntRange(min=1), default=NDEFAULTS.k, show_default=True,
+              help="Sparse NC-Net: top-k matches kept per cell, in each direction, as sites of the 4-D correlation.")
+@click.option("--ncnet-kernel-sizes", default=_joined(NDEFAULTS.kernel_sizes), show_default=True, callback=_int_list,
+              help="Sparse NC-Net: kernel size of each sparse 4-D convolution (odd), comma-separated.")
+@click.option("--ncnet-channels", default=_joined(NDEFAULTS.channels), show_default=True, callback=_int_list,
+              help="Sparse NC-Net: output channels of each sparse 4-D convolution, comma-separated; the last is 1.")
+@click.option("--ncnet-symmetric/--ncnet-asymmetric", default=NDEFAULTS.symmetric, show_default=True,
+              help="Sparse NC-Net: also run the convolutions on the pair with its images swapped and add the result.")
+@click.option("--ncnet-temperature", type=click.FloatRange(min=0, min_open=True), default=NDEFAULTS.temperature,
+              show_default=True, help="Sparse NC-Net: the softmax of Eq. 1 reads the matching scores divided by this.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=1), default=DEFAULTS.shuffle_buffer, show_default=True,
               help="Samples held for shuffling by each loader worker.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the data order and init.")
@@ -73,8 +100,8 @@ def main():
 @click.option("--force", is_flag=True, help="With --resume: accept a checkpoint of another config or data set.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def fit(shards, run_dir, arch, steps, positives, negatives, lr, warmup, milestone, eta, layers, d_model, heads,
-        feedforward, shuffle_buffer, seed, workers, device, backbone_weights, checkpoint_every, log_every,
-        image_every, resume, force, no_progress):
+        feedforward, ncnet_k, ncnet_kernel_sizes, ncnet_channels, ncnet_symmetric, ncnet_temperature, shuffle_buffer,
+        seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every, resume, force, no_progress):
     """Train a network on datagen shards (paper section 3.2, Eq. 2)."""
     import torch
 
@@ -82,10 +109,12 @@ def fit(shards, run_dir, arch, steps, positives, negatives, lr, warmup, mileston
     from .loop import FitOptions, ResumeError, fit as run_fit
 
     transformer = TransformerConfig(layers=layers, d_model=d_model, heads=heads, feedforward=feedforward)
+    ncnet = NCNetConfig(k=ncnet_k, kernel_sizes=ncnet_kernel_sizes, channels=ncnet_channels,
+                        symmetric=ncnet_symmetric, temperature=ncnet_temperature)
     try:
         config = TrainConfig(arch=arch, steps=steps, positives=positives, negatives=negatives, lr=lr,
                              warmup_steps=warmup, milestone=milestone, eta=eta, shuffle_buffer=shuffle_buffer,
-                             seed=seed, transformer=transformer).validate()
+                             seed=seed, transformer=transformer, ncnet=ncnet).validate()
         weights = "random" if backbone_weights == "random" else find_backbone_weights(backbone_weights)
     except ValueError as error:
         raise click.UsageError(str(error)) from error

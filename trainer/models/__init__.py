@@ -52,3 +52,4 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 # Architectures register themselves on import; add new ones here.
 from trainer.models import cross_image  # noqa: E402,F401  ("transformer")
+from trainer.models import ncnet  # noqa: E402,F401  ("ncnet", Sparse NC-Net)
