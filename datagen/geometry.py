@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy import sparse
-from scipy.spatial import cKDTree
 
 
 def tps_kernel(r2: np.ndarray) -> np.ndarray:
@@ -125,36 +124,44 @@ class ThinPlateSpline:
         """(N, 2, 2) Jacobian d out_i / d in_j at (N, 2) points."""
         return self._evaluate(points.astype(np.float64), True)[1]
 
+    _LATTICE = np.linspace(-0.1, 1.1, 33)
+
     def _lattice(self):
-        """A 33 x 33 lattice over [-0.1, 1.1]^2, its image under the spline with a k-d tree of
-        it, the Jacobians there, and the smallest Jacobian determinant (cached; one evaluation
-        gives all). Newton starts from the linearisation at the lattice point of nearest image."""
+        """The spline's values (33 * 33, 2) and Jacobians (33 * 33, 2, 2) on a 33 x 33 lattice over
+        [-0.1, 1.1]^2 (row-major, x fastest), and the smallest Jacobian determinant there
+        (cached; one evaluation gives all three)."""
         cached = self.__dict__.get("_lattice_cache")
         if cached is None:
-            axis = np.linspace(-0.1, 1.1, 33)
-            lattice = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+            lattice = np.stack(np.meshgrid(self._LATTICE, self._LATTICE), axis=-1).reshape(-1, 2)
             image, jac = self._evaluate(lattice, True)
-            det = _det(jac)
-            cached = (lattice, image, cKDTree(image), jac, float(det.min()))
+            cached = (image, jac, float(_det(jac).min()))
             object.__setattr__(self, "_lattice_cache", cached)
         return cached
 
     def min_jacobian_determinant(self) -> float:
         """Smallest det of the Jacobian over the lattice: <= 0 means the spline folds the image
         over itself (not a bijection, so no exact inverse exists)."""
-        return self._lattice()[4]
+        return self._lattice()[2]
+
+    def _lattice_newton_step(self, points: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """(N, 2) Newton steps towards self(p) = ``target`` taken from the lattice point nearest to
+        each of ``points``, with the value and Jacobian cached there (no evaluation)."""
+        image, jac, _ = self._lattice()
+        axis = self._LATTICE
+        index = np.clip(np.rint((points - axis[0]) / (axis[1] - axis[0])), 0, len(axis) - 1).astype(int)
+        node = index[:, 1] * len(axis) + index[:, 0]
+        return axis[index] - _solve2(jac[node], image[node] - target)
 
     def inverse(self, points: np.ndarray, iterations: int = 20) -> np.ndarray:
         """Numerical inverse by Newton's method: p with self(p) = points, for (..., 2) points.
 
-        The first step is taken from the lattice point whose image is nearest, with the value and
-        Jacobian cached there; for an unfolded spline the iteration then converges to 1e-5 of the
-        image (0.005 px at 480 px) in about two more steps, and each step only moves the points
-        not yet converged. Callers check the round trip."""
-        lattice, image, tree, lattice_jac, _ = self._lattice()
+        Two steps come from the lattice, with the values and Jacobians cached there: from the
+        lattice point nearest to the target (the spline moves points by a few lattice steps at
+        most), then from the one nearest to that first estimate. For an unfolded spline the
+        iteration then converges to 1e-5 of the image (0.005 px at 480 px) in about two steps,
+        and each step only moves the points not yet converged. Callers check the round trip."""
         target = points.reshape(-1, 2).astype(np.float64)
-        nearest = tree.query(target)[1]
-        guess = lattice[nearest] - _solve2(lattice_jac[nearest], image[nearest] - target)
+        guess = self._lattice_newton_step(self._lattice_newton_step(target, target), target)
         active = np.arange(len(target))
         for _ in range(iterations):
             value, jac = self._evaluate(guess[active], True)
