@@ -174,11 +174,12 @@ def test_sparse_correlation_is_the_union_of_both_directions_top_k():
 
 def test_top_matches_in_blocks_equal_one_block():
     src, tgt = _features(2, 8, 5, 5, 12).flatten(2), _features(2, 8, 4, 6, 13).flatten(2)
-    whole = top_matches(src, tgt, 4, chunk_elements=1 << 20)
-    blocks = top_matches(src, tgt, 4, chunk_elements=2 * 24 * 3)  # blocks of 3 source cells
-    for a, b in zip(whole, blocks):
-        torch.testing.assert_close(a, b)
-    assert whole[0].shape == (2, 25, 4) and whole[2].shape == (2, 24, 4)
+    for k in (4, 10):  # k above the block size too
+        whole = top_matches(src, tgt, k, chunk_elements=1 << 20)
+        blocks = top_matches(src, tgt, k, chunk_elements=2 * 24 * 3)  # blocks of 3 source cells
+        for a, b in zip(whole, blocks):
+            torch.testing.assert_close(a, b)
+        assert whole[0].shape == (2, 25, k) and whole[2].shape == (2, 24, k)
     few = top_matches(src[:, :, :2], tgt, 4)  # k clipped to the two source cells
     assert few[2].shape == (2, 24, 2)
 

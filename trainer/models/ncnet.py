@@ -82,7 +82,8 @@ def top_matches(src: Tensor, tgt: Tensor, k: int,
         values, matches = products.topk(min(k_src, products.shape[1]), dim=1)  # (B, <=kA, nB)
         matches = matches + start
         if tgt_values is not None:  # merge with the best sources of the blocks before
-            values, best = torch.cat((tgt_values, values), dim=1).topk(k_src, dim=1)
+            values = torch.cat((tgt_values, values), dim=1)
+            values, best = values.topk(min(k_src, values.shape[1]), dim=1)
             matches = torch.cat((tgt_matches, matches), dim=1).gather(1, best)
         tgt_values, tgt_matches = values, matches
     return (torch.cat(src_values, dim=1), torch.cat(src_matches, dim=1),
