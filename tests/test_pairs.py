@@ -7,7 +7,7 @@ import pytest
 
 from datagen.config import BuildConfig, WarpConfig
 from datagen.geometry import SegmentWarp, grid_centres
-from datagen.pairs import PairBuilder, Rejected, border_crop_box, dilate, recompute_grids
+from datagen.pairs import PairBuilder, Rejected, border_crop_box, dilate, recompute_grids, resize_mask
 from datagen.sampling import Sampler, attempt_rng
 from datagen.segments import SegmentBank, write_bank
 from datagen.sources.coco import CocoSource
@@ -184,3 +184,18 @@ def test_border_crop_makes_the_object_touch_its_nearest_border():
     mask = np.zeros((100, 200), np.uint8)
     mask[5:30, 80:120] = 1  # nearest: top
     assert border_crop_box(mask) == (0, 5, 200, 100)
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (428, 640), (640, 481), (300, 200)])
+def test_resized_mask_is_its_bilinear_interpolation_thresholded_at_one_half(shape):
+    rng = np.random.default_rng(shape[0])
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(12):
+        centre = (int(rng.integers(0, shape[1])), int(rng.integers(0, shape[0])))
+        axes = (int(rng.integers(3, 80)), int(rng.integers(3, 80)))
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    bilinear = cv2.resize(mask.astype(np.float32), (480, 480), interpolation=cv2.INTER_LINEAR)
+    resized = resize_mask(mask, 480)
+    assert resized.dtype == np.uint8 and set(np.unique(resized)) == {0, 1}
+    differ = resized != (bilinear >= 0.5)
+    assert np.all(np.abs(bilinear[differ] - 0.5) < 0.002)  # fixed-point rounding at the threshold only
