@@ -328,9 +328,17 @@ def cycle_consistent_masks(src_mask: np.ndarray, src_to_tgt: np.ndarray, tgt_to_
 
 def warp_roi(layers: list, warp: SegmentWarp, roi: tuple, lattice_step: float = 4.0) -> list:
     """Source ``layers`` [(image (H, W[, C]), cv2 border mode), ...] resampled bilinearly over the
-    target rectangle ``roi`` (x0, y0, x1, y1) through ``warp.tgt_to_src``; one output per layer.
+    target rectangle ``roi`` (x0, y0, x1, y1) through ``warp.tgt_to_src``; one output per layer."""
+    resample = roi_resampler(warp, roi, lattice_step)
+    return [resample(image, border) for image, border in layers]
 
-    Without a TPS this is cv2.warpAffine; with one, cv2.remap on the maps of :func:`remap_maps`.
+
+def roi_resampler(warp: SegmentWarp, roi: tuple, lattice_step: float = 4.0):
+    """A function ``resample(image (H, W[, C]), cv2 border mode)`` that resamples a source image
+    bilinearly over the target rectangle ``roi`` (x0, y0, x1, y1) through ``warp.tgt_to_src``.
+
+    Without a TPS this is cv2.warpAffine; with one, cv2.remap on the maps of :func:`remap_maps`,
+    computed once here for all the images resampled.
     """
     x0, y0, x1, y1 = roi
     size = (x1 - x0, y1 - y0)
@@ -339,11 +347,10 @@ def warp_roi(layers: list, warp: SegmentWarp, roi: tuple, lattice_step: float = 
         to_target = np.array([[1.0, 0, x0 + 0.5], [0, 1.0, y0 + 0.5], [0, 0, 1]])
         to_index = np.array([[1.0, 0, -0.5], [0, 1.0, -0.5], [0, 0, 1]])
         matrix = (to_index @ np.linalg.inv(warp.affine) @ to_target)[:2]
-        return [cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                               borderMode=border, borderValue=0) for image, border in layers]
+        return lambda image, border: cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                                    borderMode=border, borderValue=0)
     map_x, map_y = remap_maps(warp, roi, lattice_step)
-    return [cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=border, borderValue=0)
-            for image, border in layers]
+    return lambda image, border: cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=border, borderValue=0)
 
 
 def remap_maps(warp: SegmentWarp, roi: tuple, lattice_step: float = 4.0) -> tuple[np.ndarray, np.ndarray]:

@@ -23,9 +23,9 @@ from .geometry import (
     cycle_consistent_masks,
     mask_boundary,
     place_in_region,
+    roi_resampler,
     rotation_aspect_matrix,
     warp_grid,
-    warp_roi,
 )
 from .imageio import BadInput, load_rgb
 from .sampling import ObjectPlan, PairPlan
@@ -180,18 +180,17 @@ class PairBuilder:
             raise Rejected("bad_image", str(error)) from error
 
     def build(self, plan: PairPlan, key: str) -> PairSample:
-        """Execute ``plan``; raises :class:`Rejected` for a pair that must be dropped."""
+        """Execute ``plan``; raises :class:`Rejected` for a pair that must be dropped.
+
+        Masks, warps and correspondences come first, from the bank's masks alone: every check
+        that can reject a pair is made before any image is decoded (about 6 % of the attempts on
+        coco-mini are rejected, mostly for a small grid mask)."""
         config, size = self.config, self.config.image_size
         start = time.perf_counter()
-        masks = self._dilated_masks(plan)  # from the bank: cheap rejections before any decoding
-        start = self.timer.add("warp", start)
-        source = self._load(plan.source_image)
-        background = resize_image(self._load(plan.background_image), size)
-        start = self.timer.add("load", start)
-
-        crop = border_crop_box(masks[0]) if plan.border_crop else (0, 0, source.shape[1], source.shape[0])
+        masks = self._dilated_masks(plan)
+        height, width = masks[0].shape  # the source's declared size, checked when it is loaded
+        crop = border_crop_box(masks[0]) if plan.border_crop else (0, 0, width, height)
         x0, y0, x1, y1 = crop
-        src_image = resize_image(source[y0:y1, x0:x1], size)
         object_masks = [resize_mask(mask[y0:y1, x0:x1], size) for mask in masks]
         if len(masks) == 2 and np.any(dilate(object_masks[0], 1) & object_masks[1]):
             raise Rejected("masks_touch", "the two source segments touch after resizing")
@@ -199,14 +198,14 @@ class PairBuilder:
         for k, object_mask in enumerate(object_masks):
             src_mask[object_mask > 0] = k + 1
 
-        warps, tgt_image, tgt_mask = [], background, np.zeros((size, size), np.uint8)
+        warps, placements, tgt_mask = [], [], np.zeros((size, size), np.uint8)
         for k, (obj, region, object_mask) in enumerate(zip(plan.objects, plan.regions, object_masks)):
             if not object_mask.any():
                 raise Rejected("empty_segment", f"segment {self.bank.segment_ids[obj.segment_row]} vanishes at {size} px")
             warp, outline = make_warp(obj, mask_boundary(object_mask), (size, size), region, config)
             roi = self._roi(outline)
-            patch, patch_mask = warp_roi([(src_image, cv2.BORDER_REPLICATE), (object_mask * 255, cv2.BORDER_CONSTANT)],
-                                         warp, roi)
+            resample = roi_resampler(warp, roi)
+            patch_mask = resample(object_mask * 255, cv2.BORDER_CONSTANT)
             patch_mask = cv2.threshold(patch_mask, 127, 255, cv2.THRESH_BINARY)[1]  # >= 128 -> 255, else 0
             patch_mask[[0, -1], :] = 0
             patch_mask[:, [0, -1]] = 0
@@ -215,9 +214,8 @@ class PairBuilder:
                 raise Rejected("masks_touch", "the two warped segments touch in the target")
             placed[patch_mask > 0] = k + 1
             warps.append(warp)
-            start = self.timer.add("warp", start)
-            tgt_image = blend(config.blend, patch, patch_mask, tgt_image, roi[:2])
-            start = self.timer.add("blend", start)
+            placements.append((resample, patch_mask, roi[:2]))
+        start = self.timer.add("warp", start)
 
         grid_shape = (config.grid_size, config.grid_size)
         grids = grids_from_warps(warps, src_mask, grid_shape, (size, size))
@@ -225,11 +223,21 @@ class PairBuilder:
         if round_trip > config.max_tps_inverse_error:
             raise Rejected("tps_not_invertible", f"the thin-plate spline's numerical inverse is off by "
                            f"{round_trip:.3g} cells")
-        self.timer.add("correspondences", start)
+        start = self.timer.add("correspondences", start)
         for side in ("src", "tgt"):
             cells = float(grids[f"{side}_grid_mask"].sum())
             if cells < config.min_mask_cells:
                 raise Rejected("small_mask", f"{side} grid mask covers {cells:.1f} cells (< {config.min_mask_cells})")
+
+        source = self._load(plan.source_image)
+        src_image = resize_image(source[y0:y1, x0:x1], size)
+        tgt_image = resize_image(self._load(plan.background_image), size)
+        start = self.timer.add("load", start)
+        for resample, patch_mask, origin in placements:
+            patch = resample(src_image, cv2.BORDER_REPLICATE)
+            start = self.timer.add("warp", start)
+            tgt_image = blend(config.blend, patch, patch_mask, tgt_image, origin)
+            start = self.timer.add("blend", start)
         meta = self._meta(plan, key, crop, warps)
         return PairSample(key=key, src_image=src_image, tgt_image=tgt_image, src_mask=src_mask,
                           tgt_mask=tgt_mask, meta=meta, **grids)

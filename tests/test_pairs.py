@@ -199,3 +199,26 @@ def test_resized_mask_is_its_bilinear_interpolation_thresholded_at_one_half(shap
     assert resized.dtype == np.uint8 and set(np.unique(resized)) == {0, 1}
     differ = resized != (bilinear >= 0.5)
     assert np.all(np.abs(bilinear[differ] - 0.5) < 0.002)  # fixed-point rounding at the threshold only
+
+
+def test_every_rejection_is_decided_before_the_images_are_decoded(bank, tmp_path):
+    """A builder without images rejects the same attempts for the same reasons (it only fails to
+    load, as bad_image, the attempts that would be accepted): no decoding is spent on them."""
+    for objects in (1, 2):
+        config = BuildConfig(objects=str(objects))
+        sampler = Sampler(bank, config)
+        with_images = PairBuilder(bank, SAMPLE / "train2017", config)
+        without_images = PairBuilder(bank, tmp_path, config)  # an empty folder
+        rejected = 0
+        for attempt in range(40):
+            plan = sampler.plan(attempt_rng(0, 0, attempt), objects)
+            try:
+                with_images.build(plan, "000000_000000")
+                expected = "bad_image"
+            except Rejected as error:
+                expected = error.reason
+                rejected += 1
+            with pytest.raises(Rejected) as info:
+                without_images.build(plan, "000000_000000")
+            assert info.value.reason == expected
+        assert rejected > 0
