@@ -1,6 +1,6 @@
 """Blending a warped segment into the target image, on the segment's region only.
 
-Three methods share one signature, :func:`blend`:
+Three methods share one signature, :func:`blend` (and :func:`blend_into`, in place):
 
 * ``cv2``: ``cv2.seamlessClone(..., NORMAL_CLONE)``, the authors' choice.
 * ``poisson`` (default): the same equations as OpenCV's NORMAL_CLONE (guidance = source gradients
@@ -32,9 +32,10 @@ def _clone_box(mask: np.ndarray) -> tuple[np.ndarray, tuple] | tuple[None, None]
     return cleared, (x, y, w, h)
 
 
-def _poisson_region(patch: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _poisson_interior(patch: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Solve NORMAL_CLONE on one rectangle. All inputs cover the same (h, w) region;
-    ``patch``/``target`` (h, w, 3) uint8, ``mask`` (h, w) uint8 0/255. Returns (h, w, 3) uint8.
+    ``patch``/``target`` (h, w, 3) uint8, ``mask`` (h, w) uint8 0/255. Returns the result inside
+    the boundary ring, (h - 2, w - 2, 3) uint8 (the ring keeps the target's values).
 
     The guidance field is G = grad(target) + m * grad(patch - target) with m the eroded mask and
     forward differences (OpenCV's). Writing the result as target + u, u vanishes on the boundary
@@ -42,25 +43,26 @@ def _poisson_region(patch: np.ndarray, target: np.ndarray, mask: np.ndarray) -> 
     diagonalised by the DST-I: u = idst(dst(rhs) / eigenvalues). float32 throughout.
     """
     inner = cv2.erode(mask, _ERODE_KERNEL, iterations=3, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    # per-pixel factors are repeated over the 3 channels: products then run over contiguous
-    # memory (broadcasting a length-1 channel axis is 2x slower in numpy)
-    weight = cv2.merge([(inner > 0).astype(np.float32)] * 3)
-    delta = cv2.subtract(patch, target, dtype=cv2.CV_32F)  # (h, w, 3) float32, in one pass
-    flux_x = np.subtract(delta[:, 1:], delta[:, :-1])
-    flux_x *= weight[:, :-1]
-    flux_y = np.subtract(delta[1:], delta[:-1])
-    flux_y *= weight[:-1]
-    rhs = np.subtract(flux_x[1:-1, 1:], flux_x[1:-1, :-1])
-    rhs += flux_y[1:, 1:-1]
-    rhs -= flux_y[:-1, 1:-1]
+    weight = (inner > 0).astype(np.float32)
     h, w = mask.shape
-    spectrum = fft.dstn(rhs, type=1, axes=(0, 1), norm="ortho", workers=1, overwrite_x=True)
-    spectrum /= cv2.merge([_laplacian_eigenvalues(h - 2, w - 2)] * 3)
-    correction = fft.idstn(spectrum, type=1, axes=(0, 1), norm="ortho", workers=1, overwrite_x=True)
-    out = target.copy()
+    eigenvalues = _laplacian_eigenvalues(h - 2, w - 2)
+    # one channel at a time: (h, w) float32 planes, a working set the allocator reuses (fewer
+    # fresh pages than (h, w, 3) arrays) and no broadcasting over a length-1 channel axis
+    corrections = []
+    for patch_c, target_c in zip(cv2.split(patch), cv2.split(target)):
+        delta = cv2.subtract(patch_c, target_c, dtype=cv2.CV_32F)
+        flux_x = np.subtract(delta[:, 1:], delta[:, :-1])
+        flux_x *= weight[:, :-1]
+        flux_y = np.subtract(delta[1:], delta[:-1])
+        flux_y *= weight[:-1]
+        rhs = np.subtract(flux_x[1:-1, 1:], flux_x[1:-1, :-1])
+        rhs += flux_y[1:, 1:-1]
+        rhs -= flux_y[:-1, 1:-1]
+        spectrum = fft.dstn(rhs, type=1, norm="ortho", workers=1, overwrite_x=True)
+        spectrum /= eigenvalues
+        corrections.append(fft.idstn(spectrum, type=1, norm="ortho", workers=1, overwrite_x=True))
     # target + u, rounded half to even and saturated to 0..255 like np.clip(np.rint(.)), in one pass
-    out[1:-1, 1:-1] = cv2.add(target[1:-1, 1:-1], correction, dtype=cv2.CV_8U)
-    return out
+    return cv2.add(target[1:-1, 1:-1], cv2.merge(corrections), dtype=cv2.CV_8U)
 
 
 def _laplacian_eigenvalues(rows: int, cols: int) -> np.ndarray:
@@ -86,34 +88,41 @@ def blend(method: str, patch: np.ndarray, mask: np.ndarray, target: np.ndarray, 
     (H, W, 3) uint8 with the patch's top-left pixel at ``origin`` (x, y). The patch rectangle
     must lie inside the target. Returns a new target image; only the mask's bounding box changes.
     """
+    out = target.copy()
+    blend_into(method, patch, mask, out, origin)
+    return out
+
+
+def blend_into(method: str, patch: np.ndarray, mask: np.ndarray, target: np.ndarray, origin: tuple) -> None:
+    """:func:`blend` in place: changes ``target`` (only the mask's bounding box), for a caller
+    that owns it (the pair builder's background), without a copy of the whole image."""
+    if method not in ("poisson", "cv2", "paste"):
+        raise ValueError(f"unknown blend method {method!r}; choose poisson, cv2 or paste")
     x0, y0 = origin
     h, w = mask.shape
     if x0 < 0 or y0 < 0 or x0 + w > target.shape[1] or y0 + h > target.shape[0]:
         raise ValueError(f"patch at {origin} of size {w}x{h} leaves the {target.shape[1]}x{target.shape[0]} target")
-    out = target.copy()
     if method == "paste":
-        region = out[y0:y0 + h, x0:x0 + w]
+        region = target[y0:y0 + h, x0:x0 + w]
         region[mask > 0] = patch[mask > 0]
-        return out
+        return
     cleared, box = _clone_box(mask)
     if box is None:
-        return out
+        return
     bx, by, bw, bh = box
     if method == "cv2":
         centre = (x0 + bx + bw // 2, y0 + by + bh // 2)
-        return cv2.seamlessClone(patch, target, cleared, centre, cv2.NORMAL_CLONE)
-    if method == "poisson":
-        if bw < 3 or bh < 3:
-            return out
-        # Solve on the mask's box grown to a fast FFT size; the boundary ring comes from the target.
-        gx, gw = _fast_span(x0 + bx, bw, target.shape[1])
-        gy, gh = _fast_span(y0 + by, bh, target.shape[0])
-        region = (slice(gy, gy + gh), slice(gx, gx + gw))
-        full_patch = target[region].copy()
-        full_mask = np.zeros((gh, gw), np.uint8)
-        inside = (slice(y0 + by - gy, y0 + by - gy + bh), slice(x0 + bx - gx, x0 + bx - gx + bw))
-        full_patch[inside] = patch[by:by + bh, bx:bx + bw]
-        full_mask[inside] = cleared[by:by + bh, bx:bx + bw]
-        out[region] = _poisson_region(full_patch, target[region], full_mask)
-        return out
-    raise ValueError(f"unknown blend method {method!r}; choose poisson, cv2 or paste")
+        target[...] = cv2.seamlessClone(patch, target, cleared, centre, cv2.NORMAL_CLONE)
+        return
+    if bw < 3 or bh < 3:
+        return
+    # Solve on the mask's box grown to a fast FFT size; the boundary ring comes from the target.
+    gx, gw = _fast_span(x0 + bx, bw, target.shape[1])
+    gy, gh = _fast_span(y0 + by, bh, target.shape[0])
+    region = target[gy:gy + gh, gx:gx + gw]
+    full_patch = region.copy()
+    full_mask = np.zeros((gh, gw), np.uint8)
+    inside = (slice(y0 + by - gy, y0 + by - gy + bh), slice(x0 + bx - gx, x0 + bx - gx + bw))
+    full_patch[inside] = patch[by:by + bh, bx:bx + bw]
+    full_mask[inside] = cleared[by:by + bh, bx:bx + bw]
+    region[1:-1, 1:-1] = _poisson_interior(full_patch, region, full_mask)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from . import __version__
-from .blend import blend
+from .blend import blend_into
 from .config import BuildConfig
 from .geometry import (
     SegmentWarp,
@@ -236,7 +236,7 @@ class PairBuilder:
         for resample, patch_mask, origin in placements:
             patch = resample(src_image, cv2.BORDER_REPLICATE)
             start = self.timer.add("warp", start)
-            tgt_image = blend(config.blend, patch, patch_mask, tgt_image, origin)
+            blend_into(config.blend, patch, patch_mask, tgt_image, origin)  # the builder's own image
             start = self.timer.add("blend", start)
         meta = self._meta(plan, key, crop, warps)
         return PairSample(key=key, src_image=src_image, tgt_image=tgt_image, src_mask=src_mask,

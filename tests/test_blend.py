@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from datagen.blend import blend
+from datagen.blend import blend, blend_into
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_dst_solver_solves_the_normal_clone_equations_exactly():
     from scipy.sparse import diags, identity, kron
     from scipy.sparse.linalg import spsolve
 
-    from datagen.blend import _poisson_region
+    from datagen.blend import _poisson_interior
 
     rng = np.random.default_rng(0)
     h, w = 23, 31
@@ -87,7 +87,18 @@ def test_dst_solver_solves_the_normal_clone_equations_exactly():
     for c in range(3):
         expected[1:-1, 1:-1, c] += spsolve(laplacian, rhs[..., c].ravel()).reshape(h - 2, w - 2)
     expected = np.clip(np.rint(expected), 0, 255)
-    ours = _poisson_region(patch, target, mask)
+    ours = target.copy()
+    ours[1:-1, 1:-1] = _poisson_interior(patch, target, mask)
     assert np.abs(ours.astype(int) - expected).max() <= 1
     assert np.abs(ours.astype(int) - expected).mean() < 0.01
     assert np.abs(ours.astype(int) - target).max() > 10  # the patch did change the region
+
+
+@pytest.mark.parametrize("method", ["poisson", "cv2", "paste"])
+def test_blend_into_changes_the_target_in_place_as_blend_returns_it(images, method):
+    target, patch, mask = images
+    expected = blend(method, patch, mask, target, (130, 150))
+    assert not np.array_equal(expected, target)
+    changed = target.copy()
+    assert blend_into(method, patch, mask, changed, (130, 150)) is None
+    np.testing.assert_array_equal(changed, expected)
