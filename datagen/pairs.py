@@ -28,6 +28,7 @@ from .geometry import (
     warp_grid,
 )
 from .imageio import BadInput, load_rgb
+from .memory import keep_freed_memory
 from .sampling import ObjectPlan, PairPlan
 from .schema import PairSample
 
@@ -169,6 +170,7 @@ class PairBuilder:
         self.image_root = image_root
         self.config = config
         self.timer = StageTimer()
+        keep_freed_memory()  # this process builds pairs: reuse freed memory (see datagen.memory)
 
     def _load(self, image_id: int) -> np.ndarray:
         """The image as (H, W, 3) uint8 RGB, checked against its declared size."""
