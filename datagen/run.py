@@ -250,6 +250,8 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
     with contextlib.ExitStack() as stack:
         if styler is not None:
             stack.enter_context(styler)
+            # a shard that fails leaves no request memory behind (a finished one has none in flight)
+            stack.callback(lambda: [job.discard() for _, job in in_flight if job is not None])
         writer = stack.enter_context(ShardWriter(out / shard_name(shard)))
         while accepted < count:
             rng = attempt_rng(root_seed, shard, attempt)

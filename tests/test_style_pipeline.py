@@ -103,3 +103,15 @@ def test_workers_sharing_a_style_server_write_the_same_bytes(style_dir, tmp_path
     assert any("style server: 2 workers" in m for m in messages)
     assert any(m.startswith("style server: 4 requests") for m in messages)  # 2 shards x 2 batches
     assert output_files(tmp_path / "alone") == output_files(tmp_path / "served")
+
+
+def test_a_discarded_request_leaves_no_memory_behind(images, manager):
+    """A shard that fails with requests in flight removes their blocks."""
+    before = shared_memory_blocks()
+    stylizer = InvertingStylizer()
+    with StyleServer(stylizer, manager) as server:
+        styler = server.styler()
+        job = styler.submit(images, [0, 0, 0], [0.9, 0.9, 0.9])
+        assert len(shared_memory_blocks() - before) == 1
+        job.discard()
+        assert shared_memory_blocks() <= before

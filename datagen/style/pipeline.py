@@ -40,6 +40,20 @@ def style_names(stylizer) -> list[str]:
     return [path.name for path in getattr(stylizer, "style_paths", [])]
 
 
+class _LocalJob:
+    """A stylisation running on a :class:`LocalStyler`'s thread."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def result(self) -> list[np.ndarray]:
+        return self._future.result()
+
+    def discard(self) -> None:
+        """Give up on it (it holds no resources beyond the thread's work)."""
+        self._future.cancel()
+
+
 class LocalStyler:
     """Runs ``stylizer`` on one background thread of this process; use as a context manager
     (the thread stops on exit)."""
@@ -50,9 +64,9 @@ class LocalStyler:
         self.style_names = style_names(stylizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylize")
 
-    def submit(self, images: list[np.ndarray], styles: list[int], alphas: list[float]) -> Future:
+    def submit(self, images: list[np.ndarray], styles: list[int], alphas: list[float]) -> "_LocalJob":
         """Start stylising (H, W, 3) uint8 ``images``; ``.result()`` gives the stylised list."""
-        return self._executor.submit(self.stylizer.stylize, images, styles, alphas)
+        return _LocalJob(self._executor.submit(self.stylizer.stylize, images, styles, alphas))
 
     def __enter__(self) -> "LocalStyler":
         return self
@@ -110,6 +124,12 @@ class _RemoteJob:
             finally:
                 os.unlink(self._path)
         return self._images
+
+    def discard(self) -> None:
+        """Give up on the request: remove its block unless :meth:`result` already has (the server
+        may still stylise it into the unlinked file, or answer that it is gone)."""
+        if self._images is None:
+            Path(self._path).unlink(missing_ok=True)
 
 
 class RemoteStyler:
