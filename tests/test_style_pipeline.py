@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
 from conftest import output_files
@@ -14,6 +15,7 @@ from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig
 from datagen.run import SourceSpec, StyleSpec, build
 from datagen.style import StyleError
+from datagen.style.adain_net import make_decoder, make_full_vgg
 from datagen.style.pipeline import BLOCK_DIR, BLOCK_PREFIX, LocalStyler, StyleServer
 
 
@@ -90,12 +92,21 @@ def style_dir(tmp_path_factory):
     return folder
 
 
-def test_workers_sharing_a_style_server_write_the_same_bytes(style_dir, tmp_path):
-    """Two workers stylising through the main process's server, against one worker stylising
-    itself: byte-identical shards (and the server was really used)."""
+@pytest.mark.parametrize("method", ["color", "adain"])
+def test_workers_sharing_a_style_server_write_the_same_bytes(method, style_dir, tmp_path):
+    """Two workers stylising through the main process's server (AdaIN: torch on the server's
+    thread, as on a GPU), against one worker stylising itself: byte-identical shards, and the
+    server was really used."""
     spec = SourceSpec("coco", {"root": SAMPLE_ROOT, "split": "train2017"})
-    config = BuildConfig(style="color", shard_size=3, style_batch=2)
-    style = StyleSpec({"style_dir": style_dir})
+    config = BuildConfig(style=method, shard_size=3, style_batch=2)
+    options = {"style_dir": style_dir}
+    if method == "adain":
+        torch.manual_seed(0)
+        options.update(vgg_path=tmp_path / "vgg_normalised.pth", decoder_path=tmp_path / "decoder.pth",
+                       device="cpu", max_side=32)
+        torch.save(make_full_vgg().state_dict(), options["vgg_path"])
+        torch.save(make_decoder().state_dict(), options["decoder_path"])
+    style = StyleSpec(options)
     messages = []
     for name, workers, serve in (("alone", 1, None), ("served", 2, True)):
         build(config, spec, 6, tmp_path / name, workers=workers, style=style, style_server=serve,
