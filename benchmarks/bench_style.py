@@ -7,7 +7,8 @@ layout (speed does not depend on the values). Content: 480 px images of the embe
 through the paper's 512 px resize, as a build stylises them. Measured:
 
 1. seconds per image, one image per forward against batches of 8, with 1 thread and with all
-   threads, in fp32 and in bf16 autocast (this CPU has AVX-512 BF16);
+   threads, in fp32 and in bf16 autocast (bf16 is fast only on CPUs with AVX-512 BF16 or AMX;
+   the development machine, an AMD EPYC, has AVX2 only and emulates it);
 2. the mean absolute difference (grey levels) of each fast setting's images from the plain
    fp32 one-at-a-time images, so speed does not silently change the data;
 3. pairs/s of ``datagen build --style adain`` (``--workers``, batches of ``style_batch`` pairs;
