@@ -11,14 +11,18 @@ through the paper's 512 px resize, as a build stylises them. Measured:
    the development machine, an AMD EPYC, has AVX2 only and emulates it);
 2. the mean absolute difference (grey levels) of each fast setting's images from the plain
    fp32 one-at-a-time images, so speed does not silently change the data;
-3. pairs/s of ``datagen build --style adain`` (``--workers``, batches of ``style_batch`` pairs;
+3. the baseline in the same run: the authors' released generator's style steps
+   (``released_generator.released_stylize``: torchvision resize of PIL images, content and
+   style image both encoded for every image, fp32, one image at a time, one thread) on the same
+   images, style choices and strengths, and the ratio against ours (one thread, fp32, batch 1);
+4. pairs/s of ``datagen build --style adain`` (``--workers``, batches of ``style_batch`` pairs;
    with a GPU and several workers, through the style server, whose busy share is printed).
 
 On a GPU machine: ``python benchmarks/bench_style.py --device cuda --workers 16 --pairs 400``
 (precisions fp32 and auto = bf16 autocast, batches 1, 8 and 32).
 
-Reference (from the issue): the authors' generator spends 5.9 s per stylised image on one
-thread, re-encoding the style image every time.
+The issue's figure, from another machine: the authors' generator spends 5.9 s per stylised
+image on one thread, re-encoding the style image every time; aim: a third of that.
 """
 from __future__ import annotations
 
@@ -39,7 +43,10 @@ sys.path.insert(0, str(ROOT))
 from datagen.config import BuildConfig  # noqa: E402
 from datagen.run import SourceSpec, StyleSpec, build  # noqa: E402
 from datagen.style.adain import AdainStylizer  # noqa: E402
-from datagen.style.adain_net import make_decoder, make_full_vgg  # noqa: E402
+from datagen.style.adain_net import ENCODER_MODULES, make_decoder, make_full_vgg  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from released_generator import released_stylize  # noqa: E402
 
 SAMPLE = ROOT / "datagen" / "sample_data" / "coco"
 
@@ -56,10 +63,28 @@ def timed(stylizer, images, styles, alphas) -> tuple[float, list[np.ndarray]]:
     return (time.perf_counter() - start) / len(images), out
 
 
+def released_baseline(tmp: Path, images, styles_dir: Path, styles, alphas) -> float:
+    """Seconds per image of the released generator's style steps, one image at a time, with
+    the same random weights, images, style choices and strengths as the stylizer runs."""
+    vgg, decoder = make_full_vgg(), make_decoder()
+    vgg.load_state_dict(torch.load(tmp / "vgg_normalised.pth", weights_only=True))
+    decoder.load_state_dict(torch.load(tmp / "decoder.pth", weights_only=True))
+    encoder = torch.nn.Sequential(*list(vgg.children())[:ENCODER_MODULES]).eval()
+    decoder.eval()
+    style_paths = sorted(styles_dir.iterdir())
+    released_stylize(encoder, decoder, images[0], style_paths[styles[0]], alphas[0])  # warm-up
+    start = time.perf_counter()
+    for image, style, alpha in zip(images, styles, alphas):
+        released_stylize(encoder, decoder, image, style_paths[style], alpha)
+    return (time.perf_counter() - start) / len(images)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--baseline-images", type=int, default=4,
+                        help="images timed through the released generator's style steps (about 2x ours each)")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated: fp32, bf16, auto (default: fp32,bf16 on the CPU, where bf16 is emulated, "
                              "hence slow, without AVX-512 BF16/AMX; fp32,auto on CUDA)")
@@ -97,11 +122,16 @@ def main() -> None:
                     stylizer.precompute()
                     seconds, out = timed(stylizer, images, styles, alphas)
                     if reference is None:
-                        reference = out
+                        reference, ours_one_thread = out, seconds
                     difference = np.mean([np.abs(a.astype(int) - b.astype(int)).mean()
                                           for a, b in zip(out, reference)])
                     print(f"  threads {threads}  {precision}  batch {batch}:  {seconds:6.2f} s per image  "
                           f"(mean |diff| from fp32 one-at-a-time: {difference:.2f} grey levels)")
+        torch.set_num_threads(1)
+        baseline = released_baseline(tmp, images[:args.baseline_images], styles_dir, styles, alphas)
+        print(f"  released generator's steps (baseline; re-encodes the style image), threads 1, fp32: "
+              f"{baseline:6.2f} s per image;  ours, threads 1, fp32, batch 1: {ours_one_thread:6.2f} s per image "
+              f"= {baseline / ours_one_thread:.2f}x faster (aim: >= 3x)")
         torch.set_num_threads(cores)
         style = StyleSpec({"style_dir": styles_dir, "vgg_path": tmp / "vgg_normalised.pth",
                            "decoder_path": tmp / "decoder.pth", "device": args.device})
@@ -119,7 +149,8 @@ def main() -> None:
         for message in messages:
             if message.startswith("style server"):
                 print(f"  {message}")
-        print("reference: the authors' generator, 5.9 s per stylised image on one thread (11.8 s per pair)")
+        print("the issue's figure, from another machine: the authors' generator, 5.9 s per stylised image on one "
+              "thread (11.8 s per pair)")
 
 
 if __name__ == "__main__":

@@ -194,3 +194,30 @@ def _cycle_masks(src_mask: np.ndarray, src_to_tgt, tgt_to_src) -> tuple[np.ndarr
     src_final = src_mask * sample(in_target, forward) * forward_inside
     tgt_final = sample(src_final, backward) * backward_inside
     return src_final, tgt_final
+
+
+def released_stylize(encoder, decoder, image_rgb: np.ndarray, style_path: Path, alpha: float) -> np.ndarray:
+    """One stylised image the released generator's way (``style_transfer_pil`` and
+    ``style_transfer_pil_input``), on the CPU in fp32: the style image read and converted by PIL,
+    content and style resized by torchvision to a shorter side of 512 and converted to tensors,
+    **both encoded** (the style image again for every image), AdaIN mixed with the content
+    features by ``alpha``, decoded, clamped, converted back to PIL and resized (bilinear) to the
+    input size. ``encoder``/``decoder``: the AdaIN networks (the encoder up to relu4_1).
+    Returns (H, W, 3) uint8 RGB."""
+    from torchvision import transforms
+
+    to_tensor = transforms.Compose([transforms.Resize(512), transforms.ToTensor()])
+    content_pil = Image.fromarray(image_rgb)
+    style_pil = Image.open(style_path).convert("RGB")
+    content, style = to_tensor(content_pil)[None], to_tensor(style_pil)[None]
+    with torch.no_grad():
+        content_feat, style_feat = encoder(content), encoder(style)
+        size = content_feat.shape[:2]
+        c_mean = content_feat.view(*size, -1).mean(2).view(*size, 1, 1)
+        c_std = (content_feat.view(*size, -1).var(2) + 1e-5).sqrt().view(*size, 1, 1)
+        s_mean = style_feat.view(*size, -1).mean(2).view(*size, 1, 1)
+        s_std = (style_feat.view(*size, -1).var(2) + 1e-5).sqrt().view(*size, 1, 1)
+        feat = (content_feat - c_mean) / c_std * s_std + s_mean
+        output = decoder(feat * alpha + content_feat * (1 - alpha))
+    output = transforms.ToPILImage()(output.clamp(0, 1)[0])
+    return np.array(output.resize(content_pil.size, resample=Image.BILINEAR))
