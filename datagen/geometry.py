@@ -78,31 +78,35 @@ class ThinPlateSpline:
         return coef
 
     def _float32(self) -> tuple:
-        """The float32 terms of :meth:`_evaluate` (cached): controls (K, 2), weights (K, 2),
-        offset (2,) and affine part (2, 2)."""
+        """The float32 terms of :meth:`_evaluate` (cached): control x and y as (K, 1) columns,
+        weights (K, 2), offset (2,) and affine part (2, 2)."""
         cached = self.__dict__.get("_f32")
         if cached is None:
             coef = self._coefficients().astype(np.float32)
             k = len(self.controls)
-            cached = (self.controls.astype(np.float32), coef[:k], coef[k], coef[k + 1:])
+            controls = self.controls.astype(np.float32)
+            cached = (controls[:, :1].copy(), controls[:, 1:].copy(), coef[:k], coef[k], coef[k + 1:])
             object.__setattr__(self, "_f32", cached)
         return cached
 
     def _evaluate(self, flat: np.ndarray, with_jacobian: bool):
         """Values (N, 2) and, if asked, Jacobians (N, 2, 2), float64, at (N, 2) points.
 
-        Evaluated in float32 (3x faster logarithms; accurate to ~1e-6 of the image, a few
-        thousandths of a pixel at 480 px), with (K, N) arrays summed over the K controls by
-        np.einsum: no BLAS, whose rounding can change with its thread count (and a build must
-        give the same bytes with any number of workers)."""
-        controls, weights, offset, affine = self._float32()
+        Evaluated in float32 (accurate to ~1e-6 of the image, a few thousandths of a pixel at
+        480 px), with (K, N) arrays built from contiguous coordinate rows, logarithms by cv2.log
+        (vectorised: 5x np.log's speed here, as accurate in float32) and sums over the K
+        controls by np.einsum: no BLAS, whose rounding can change with its thread count (and a
+        build must give the same bytes with any number of workers)."""
+        if len(flat) == 0:  # cv2.log returns None for an empty array
+            return np.zeros((0, 2)), (np.zeros((0, 2, 2)) if with_jacobian else None)
+        controls_x, controls_y, weights, offset, affine = self._float32()
         flat = flat.astype(np.float32)
-        dx = np.subtract.outer(controls[:, 0], flat[:, 0])  # (K, N): c_k - p
-        dy = np.subtract.outer(controls[:, 1], flat[:, 1])
+        dx = controls_x - np.ascontiguousarray(flat[:, 0])  # (K, N): c_k - p
+        dy = controls_y - np.ascontiguousarray(flat[:, 1])
         d2 = dx * dx
         d2 += dy * dy
         np.maximum(d2, np.float32(1e-30), out=d2)
-        log = np.log(d2)
+        log = cv2.log(d2)
         kernel = d2 * log  # U = r^2 log r^2
         value = np.einsum("ki,kn->in", weights, kernel).T + offset + flat[:, :1] * affine[0] + flat[:, 1:] * affine[1]
         if not with_jacobian:
@@ -111,8 +115,10 @@ class ThinPlateSpline:
         factor = log
         factor += 1.0
         factor *= -2.0  # times (c_k - p) below
-        jac = np.stack([np.einsum("ki,kn->in", weights, factor * dx),
-                        np.einsum("ki,kn->in", weights, factor * dy)], axis=-1)  # (i, N, j)
+        dx *= factor
+        dy *= factor
+        jac = np.stack([np.einsum("ki,kn->in", weights, dx),
+                        np.einsum("ki,kn->in", weights, dy)], axis=-1)  # (i, N, j)
         return value.astype(np.float64), (jac.transpose(1, 0, 2) + affine.T).astype(np.float64)
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
