@@ -349,7 +349,8 @@ def style_group():
               help="Frozen VGG encoder weights (the port's vgg_normalised.pth).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Decoder file to write (decoder.pth layout, for build --adain-decoder), saved atomically; "
-                   "a preview grid (content | style | stylisation) goes next to it as OUT.preview.jpg.")
+                   "a preview grid (content | style | stylisation) goes next to it as OUT.preview.jpg, and "
+                   "the training state for --resume as OUT.state.pth.")
 @click.option("--decoder-init", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Start from this decoder.pth-layout file instead of a decoder initialised from --seed.")
 @click.option("--steps", type=click.IntRange(min=1), default=160_000, show_default=True,
@@ -378,9 +379,13 @@ def style_group():
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
               help="Threads loading the next batch's images during a step (0: none); results do not depend on it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (not needed when it is --decoder-init).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted (or finished) run from the training state saved next to --out "
+                   "(OUT.state.pth: decoder, Adam moments, steps done) up to --steps steps in all, with the "
+                   "same options, images and --vgg; the result equals an uninterrupted run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def style_train(style_dir, content_dir, vgg_path, out_path, decoder_init, steps, batch_size, size, crop, lr,
-                lr_decay, style_weight, content_weight, save_every, seed, device, workers, overwrite,
+                lr_decay, style_weight, content_weight, save_every, seed, device, workers, overwrite, resume,
                 no_progress):
     """Train an AdaIN decoder on your style collection (Huang & Belongie 2017, the recipe of the
     pytorch-AdaIN port's train.py): t = AdaIN(relu4_1(content), relu4_1(style)); loss = content
@@ -400,7 +405,7 @@ def style_train(style_dir, content_dir, vgg_path, out_path, decoder_init, steps,
                                steps=steps, batch_size=batch_size, size=size, crop=crop, lr=lr,
                                lr_decay=lr_decay, style_weight=style_weight, content_weight=content_weight,
                                save_every=save_every, seed=seed, device=device, workers=workers,
-                               overwrite=overwrite, progress=not no_progress,
+                               overwrite=overwrite, resume=resume, progress=not no_progress,
                                log=lambda message: tqdm.write(message, file=sys.stderr))
     except (StyleError, ValueError, OSError) as error:
         _fail(error)

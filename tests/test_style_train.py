@@ -18,6 +18,7 @@ from datagen.style.adain_net import load_decoder, make_full_vgg
 from datagen.style.train import (
     PREVIEW_ROWS,
     CropSampler,
+    StyleTrainError,
     content_loss,
     learning_rate,
     preview_path,
@@ -32,7 +33,7 @@ TINY = dict(batch_size=BATCH, size=SIZE, crop=CROP, progress=False)
 # --workers, --overwrite and --no-progress).
 TRAIN_OPTIONS = ["--styles", "--content", "--vgg", "--out", "--decoder-init", "--steps", "--batch",
                  "--size", "--crop", "--lr", "--lr-decay", "--style-weight", "--content-weight",
-                 "--save-every", "--seed", "--device", "--workers", "--overwrite", "--no-progress"]
+                 "--save-every", "--seed", "--device", "--workers", "--overwrite", "--resume", "--no-progress"]
 
 
 def _pattern(height: int, width: int, seed: int) -> np.ndarray:
@@ -159,7 +160,8 @@ def test_a_few_steps_lower_the_loss_and_save_a_loadable_decoder(folders, tmp_pat
     preview = cv2.imread(str(preview_path(out)))
     assert preview_path(out).name == "decoder.preview.jpg"
     assert preview.shape == (PREVIEW_ROWS * (CROP + 4) + 4, 3 * CROP + 4 * 4, 3)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["decoder.preview.jpg", "decoder.pth"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["decoder.preview.jpg", "decoder.pth",
+                                                             "decoder.state.pth"]
 
     # Starting from the saved decoder continues from its loss level, and may write over it.
     again = train_decoder(folders["content"], folders["styles"], folders["vgg"], out, steps=1,
@@ -172,6 +174,43 @@ def test_the_same_seed_gives_the_same_losses_whatever_the_workers(folders, tmp_p
                           tmp_path / f"w{workers}.pth", steps=2, seed=4, workers=workers, **TINY)
             for workers in (0, 2)]
     assert runs[0] == runs[1]
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(folders, tmp_path):
+    # 2 steps, "interrupted", then resumed to 4: same decoder, to the bit, and same losses as 4
+    # steps in one go (the Adam moments, the step of the learning rate and the draws carry on)
+    whole = train_decoder(folders["content"], folders["styles"], folders["vgg"], tmp_path / "whole.pth",
+                          steps=4, seed=2, workers=0, **TINY)
+    first = train_decoder(folders["content"], folders["styles"], folders["vgg"], tmp_path / "parts.pth",
+                          steps=2, seed=2, workers=0, **TINY)
+    messages = []
+    rest = train_decoder(folders["content"], folders["styles"], folders["vgg"], tmp_path / "parts.pth",
+                         steps=4, seed=2, workers=0, resume=True, log=messages.append, **TINY)
+    assert first + rest == whole
+    assert messages[0] == f"resuming from {tmp_path / 'parts.state.pth'} after step 2"
+    resumed, uninterrupted = (torch.load(tmp_path / name, weights_only=True) for name in ("parts.pth", "whole.pth"))
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
+    # a plain restart from the decoder alone (new Adam, learning rate from step 0) differs
+    restart = train_decoder(folders["content"], folders["styles"], folders["vgg"], tmp_path / "restart.pth",
+                            steps=2, seed=2, workers=0, decoder_init=tmp_path / "parts.pth", **TINY)
+    assert restart != whole[2:]
+
+
+def test_resume_refuses_what_would_not_continue_the_run(folders, tmp_path):
+    out = tmp_path / "decoder.pth"
+    train_decoder(folders["content"], folders["styles"], folders["vgg"], out, steps=2, seed=0, workers=0, **TINY)
+    args = (folders["content"], folders["styles"], folders["vgg"], out)
+    with pytest.raises(StyleTrainError, match=r"other settings \(lr 0.0001 -> 0.001\)"):
+        train_decoder(*args, steps=3, seed=0, workers=0, resume=True, lr=1e-3, **TINY)
+    with pytest.raises(StyleTrainError, match="2 steps done, as many as steps"):
+        train_decoder(*args, steps=2, seed=0, workers=0, resume=True, **TINY)
+    with pytest.raises(StyleTrainError, match="give one of them"):
+        train_decoder(*args, steps=3, seed=0, workers=0, resume=True, decoder_init=out, **TINY)
+    with pytest.raises(StyleTrainError, match=f"no training state {tmp_path / 'other.state.pth'}"):
+        train_decoder(*args[:3], tmp_path / "other.pth", steps=3, seed=0, workers=0, resume=True, **TINY)
+    (tmp_path / "decoder.state.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(StyleTrainError, match="cannot be read"):
+        train_decoder(*args, steps=3, seed=0, workers=0, resume=True, **TINY)
 
 
 # -- command line ------------------------------------------------------------------------
@@ -198,7 +237,9 @@ def test_cli_trains_and_refuses_to_overwrite(folders, tmp_path):
     assert "2 steps" in result.output and str(out) in result.output
     load_decoder(out)
     refused = run_cli(args, expect=1)
-    assert f"output {out} exists" in all_output(refused)
+    assert f"output {out} exists" in all_output(refused) and "--resume" in all_output(refused)
+    resumed = run_cli([*args[:11], 3, *args[12:], "--resume"])
+    assert "1 steps" in resumed.output
 
 
 def test_cli_content_folder_without_images_fails_naming_it(folders, tmp_path):

@@ -14,13 +14,18 @@ frozen VGG encoder ``phi`` (relu1_1 .. relu4_1) and the decoder ``g`` being trai
 Adam (lr 1e-4) with the inverse-time decay lr = lr0 / (1 + 5e-5 x step), 160000 steps of
 batch 8 in the port. The decoder is saved as a plain state dict in the key layout of the
 port's ``decoder.pth`` (loadable by :func:`~datagen.style.adain_net.load_decoder`), atomically,
-every ``save_every`` steps and at the end, with a preview image next to it.
+every ``save_every`` steps and at the end, with a preview image next to it and the training
+state (``OUT.state.pth``: decoder, Adam moments, steps done, settings) from which ``resume``
+continues an interrupted run exactly as if it had not stopped.
 
 All randomness (which images, where to crop, the preview examples, the initial decoder
-weights) comes from ``seed``: a numpy Generator and a forked torch RNG; nothing global is set.
+weights) comes from ``seed``: the images of step ``s`` from ``default_rng([seed, 0, s])`` (so
+a resumed run draws what the uninterrupted one would), the rest from their own streams and a
+forked torch RNG; nothing global is set.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -56,6 +61,12 @@ PREVIEW_STREAM = 1
 """The preview examples are drawn from ``default_rng([seed, PREVIEW_STREAM])``, apart from
 the training stream ``default_rng(seed)``."""
 PREVIEW_JPEG_QUALITY = 90
+TRAIN_STREAM = 0
+"""The images and crops of step ``s`` are drawn from ``default_rng([seed, TRAIN_STREAM, s])``."""
+STATE_SUFFIX = ".state.pth"
+STATE_FORMAT = 1
+RESUME_SETTINGS = ("batch_size", "size", "crop", "lr", "lr_decay", "style_weight", "content_weight", "seed")
+"""Options a resumed run must share with the run it continues (with the image lists and VGG file)."""
 
 
 class StyleTrainError(StyleError):
@@ -243,6 +254,62 @@ def save_decoder(decoder: nn.Module, path) -> None:
     _atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
+def state_path(out_path) -> Path:
+    """Where the training state of a decoder saved at ``out_path`` goes: ``decoder.state.pth``."""
+    return Path(out_path).with_suffix(STATE_SUFFIX)
+
+
+def save_state(path, decoder: nn.Module, optimizer: torch.optim.Optimizer, step: int, settings: dict) -> None:
+    """Write the training state (plain tensors, numbers and strings: loadable with
+    ``weights_only=True``) to ``path`` atomically: ``step`` steps done."""
+    decoder_state = {key: value.detach().to("cpu").clone() for key, value in decoder.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {index: {name: value.detach().to("cpu").clone() if torch.is_tensor(value) else value
+                                        for name, value in entry.items()}
+                                for index, entry in optimizer_state["state"].items()}
+    state = {"format": STATE_FORMAT, "step": int(step), "settings": dict(settings),
+             "decoder": decoder_state, "optimizer": optimizer_state}
+    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+
+
+def load_state(path, settings: dict) -> dict:
+    """The training state at ``path`` (read with ``weights_only=True``), checked against the
+    ``settings`` of the run that wants to continue it."""
+    path = Path(path)
+    if not path.is_file():
+        raise StyleTrainError(f"no training state {path} to resume: a run saves it next to its --out "
+                              "every --save-every steps and at the end")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise StyleTrainError(f"training state {path} cannot be read ({error})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise StyleTrainError(f"{path} is not a training state of this version (format {STATE_FORMAT})")
+    saved = state.get("settings", {})
+    differences = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if saved.get(key) != value]
+    if differences:
+        raise StyleTrainError(f"cannot resume from {path}: it was trained with other settings ("
+                              + "; ".join(differences) + "); use the same options, or start a new run")
+    return state
+
+
+def _file_list_digest(files) -> str:
+    """sha256 of the sorted file names (what the draws index into)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).name.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def preview_path(out_path) -> Path:
     """Where the preview of a decoder saved at ``out_path`` goes: ``decoder.preview.jpg``."""
     return Path(out_path).with_suffix(PREVIEW_SUFFIX)
@@ -305,7 +372,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
                   style_weight: float = DEFAULTS["style_weight"],
                   content_weight: float = DEFAULTS["content_weight"],
                   save_every: int = DEFAULTS["save_every"], seed: int = DEFAULTS["seed"],
-                  device="auto", workers: int = 4, overwrite: bool = False,
+                  device="auto", workers: int = 4, overwrite: bool = False, resume: bool = False,
                   progress: bool = True, log: Callable[[str], None] | None = None) -> list[float]:
     """Train an AdaIN decoder; returns the total loss of every step.
 
@@ -316,9 +383,12 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
     a ``decoder.pth``-layout file to start from, else a decoder initialised from ``seed``.
     ``workers``: threads loading the images of the next batch while the current one trains
     (0: load in the calling thread); the results do not depend on it. An existing
-    ``out_path`` is refused unless ``overwrite`` or it is the ``decoder_init`` file. A
-    non-finite loss stops training (nothing is saved at that step) with
-    :class:`StyleTrainError`. ``log`` receives progress messages (saves, skipped images).
+    ``out_path`` is refused unless ``overwrite`` or it is the ``decoder_init`` file.
+    ``resume``: continue from the training state next to ``out_path`` (:func:`state_path`) up
+    to ``steps`` steps in all, with the same settings, images and VGG file; the result equals
+    an uninterrupted run. A non-finite loss stops training (nothing is saved at that step)
+    with :class:`StyleTrainError`. ``log`` receives progress messages (saves, skipped images).
+    Returns the losses of the steps run by this call.
     """
     from tqdm import tqdm
 
@@ -327,11 +397,15 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
     say = log if log is not None else (lambda message: None)
     out_path = Path(out_path)
     init_path = Path(decoder_init) if decoder_init is not None else None
-    continuing = (init_path is not None and out_path.exists() and init_path.exists()
-                  and os.path.samefile(out_path, init_path))
+    if resume and init_path is not None:
+        raise StyleTrainError("resume (--resume) continues the saved training state; decoder_init "
+                              "(--decoder-init) starts a new run: give one of them")
+    continuing = resume or (init_path is not None and out_path.exists() and init_path.exists()
+                            and os.path.samefile(out_path, init_path))
     if out_path.exists() and not (overwrite or continuing):
         raise StyleTrainError(f"output {out_path} exists: pass overwrite (--overwrite) to "
-                              "replace it, or start from it with decoder_init (--decoder-init)")
+                              "replace it, resume (--resume) to continue its training, or start "
+                              "from it with decoder_init (--decoder-init)")
     if out_path.exists() and out_path.is_dir():
         raise StyleTrainError(f"output {out_path} is a folder, not a file")
     torch_device = resolve_device(device)
@@ -342,7 +416,20 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     layers = encoder_layers(encoder)
-    if init_path is not None:
+    settings = {"batch_size": batch_size, "size": size, "crop": crop, "lr": lr, "lr_decay": lr_decay,
+                "style_weight": style_weight, "content_weight": content_weight, "seed": seed,
+                "content_files": _file_list_digest(content.files), "style_files": _file_list_digest(style.files),
+                "vgg": _file_digest(vgg_path)}
+    first_step = 0
+    state = load_state(state_path(out_path), settings) if resume else None
+    if state is not None:
+        first_step = state["step"]
+        if first_step >= steps:
+            raise StyleTrainError(f"{state_path(out_path)} has {first_step} steps done, as many as steps "
+                                  f"(--steps {steps}): raise it to train further")
+        decoder = make_decoder()
+        decoder.load_state_dict(state["decoder"])
+    elif init_path is not None:
         decoder = load_decoder(init_path)
     else:
         with torch.random.fork_rng(devices=[]):
@@ -350,15 +437,18 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
             decoder = make_decoder()
     decoder = decoder.to(torch_device).train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the decoder's device
+        say(f"resuming from {state_path(out_path)} after step {first_step}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    rng = np.random.default_rng(seed)
     preview_rng = np.random.default_rng([seed, PREVIEW_STREAM])
     preview_contents = [content.load(spec) for spec in content.draw(preview_rng, PREVIEW_ROWS)]
     preview_styles = [style.load(spec) for spec in style.draw(preview_rng, PREVIEW_ROWS)]
 
     def save(step: int) -> None:
         save_decoder(decoder, out_path)
+        save_state(state_path(out_path), decoder, optimizer, step, settings)
         decoder.eval()
         with torch.no_grad():
             c = encoder(to_batch(preview_contents, torch_device))
@@ -367,26 +457,28 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
         decoder.train()
         outputs = list(np.rint(g.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8))
         write_preview(preview_path(out_path), preview_grid(preview_contents, preview_styles, outputs))
-        say(f"step {step}: decoder saved to {out_path}, preview {preview_path(out_path)}")
+        say(f"step {step}: decoder saved to {out_path}, preview {preview_path(out_path)}, "
+            f"training state {state_path(out_path)}")
 
     executor = ThreadPoolExecutor(workers, thread_name_prefix="adain-load") if workers else _Inline()
 
-    def submit():
+    def submit(step: int):
+        rng = np.random.default_rng([seed, TRAIN_STREAM, step])
         content_specs, style_specs = content.draw(rng, batch_size), style.draw(rng, batch_size)
         return ([executor.submit(content.load, spec) for spec in content_specs],
                 [executor.submit(style.load, spec) for spec in style_specs])
 
     losses: list[float] = []
-    bar = tqdm(total=steps, desc="train AdaIN decoder", unit="step", disable=not progress,
+    bar = tqdm(total=steps, initial=first_step, desc="train AdaIN decoder", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
-        pending = submit()
-        for step in range(steps):
+        pending = submit(first_step)
+        for step in range(first_step, steps):
             content_futures, style_futures = pending
             contents = to_batch([f.result() for f in content_futures], torch_device)
             styles = to_batch([f.result() for f in style_futures], torch_device)
             if step + 1 < steps:
-                pending = submit()  # the next batch loads while this one trains
+                pending = submit(step + 1)  # the next batch loads while this one trains
             current_lr = learning_rate(lr, lr_decay, step)
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
@@ -424,6 +516,6 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
 
 __all__ = [
     "DEFAULTS", "CropSampler", "StyleTrainError", "content_loss", "encode_layers",
-    "learning_rate", "preview_grid", "preview_path", "resize_shorter_side", "save_decoder",
-    "style_loss", "train_decoder",
+    "learning_rate", "load_state", "preview_grid", "preview_path", "resize_shorter_side", "save_decoder",
+    "save_state", "state_path", "style_loss", "train_decoder",
 ]
