@@ -126,3 +126,34 @@ def test_a_discarded_request_leaves_no_memory_behind(images, manager):
         assert len(shared_memory_blocks() - before) == 1
         job.discard()
         assert shared_memory_blocks() <= before
+
+
+def test_a_full_shared_memory_sends_the_blocks_to_the_temporary_directory(images, manager, monkeypatch):
+    """docker's default /dev/shm (64 MB) is smaller than 16 workers' requests: when shared memory
+    cannot hold a block, the request goes through a file of the temporary directory and gives the
+    same images (instead of a SIGBUS when tmpfs runs out of pages)."""
+    import errno
+    import os
+
+    from datagen.style import pipeline
+
+    if pipeline.BLOCK_DIR is None:
+        pytest.skip("no /dev/shm here: blocks are always in the temporary directory")
+    seen, real = [], os.posix_fallocate
+
+    def fallocate(fd, offset, length):
+        where = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+        seen.append(where)
+        if where == str(pipeline.BLOCK_DIR):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(pipeline.os, "posix_fallocate", fallocate)
+    before_tmp = set(Path(tempfile.gettempdir()).glob(BLOCK_PREFIX + "*"))
+    with StyleServer(InvertingStylizer(), manager) as server:
+        job = server.styler().submit(images, [0, 1, 2], [0.9, 0.1, 0.7])
+        assert len(set(Path(tempfile.gettempdir()).glob(BLOCK_PREFIX + "*")) - before_tmp) == 1
+        got = job.result()
+    assert seen == [str(pipeline.BLOCK_DIR), tempfile.gettempdir()]
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected(images, [0, 1, 2], [0.9, 0.1, 0.7])))
+    assert set(Path(tempfile.gettempdir()).glob(BLOCK_PREFIX + "*")) <= before_tmp

@@ -11,8 +11,9 @@ next is built). Two stylers:
   process (on the GPU), shared by every worker process. A worker writes its images into a block
   of shared memory, sends the block's name through a queue and goes on building; the server
   stylises requests in arrival order, writes the results back into the same block and answers.
-  A block is a file memory-mapped by both processes, in ``/dev/shm`` where there is one (so in
-  memory), else in the temporary directory; the worker deletes it when it has the results.
+  A block is a file memory-mapped by both processes, in ``/dev/shm`` where there is one with
+  room (so in memory), else in the temporary directory; the worker deletes it when it has the
+  results.
   The GPU is fed by all workers at once and holds one copy of the networks, and the images cross
   between processes as one memory copy each way (a pickled 16-image request through a queue
   costs about 50 ms a hop on this project's 2-core test machine).
@@ -100,10 +101,29 @@ def _views(block: np.memmap, shapes: list[tuple]) -> list[np.ndarray]:
 
 
 def _new_block(size: int) -> tuple[str, np.memmap]:
-    """A new memory-mapped file of ``size`` bytes: (path, flat uint8 writable map)."""
-    handle, path = tempfile.mkstemp(prefix=BLOCK_PREFIX, dir=BLOCK_DIR)
-    os.close(handle)
-    return path, np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(1, size),))
+    """A new memory-mapped file of ``size`` bytes: (path, flat uint8 writable map).
+
+    Its memory is reserved when it is made (``posix_fallocate``): a full ``/dev/shm`` (docker
+    gives containers 64 MB unless told otherwise, less than 16 workers' requests) is then an
+    error here, and the block goes to the temporary directory instead, rather than a SIGBUS
+    when a process writes into pages that tmpfs cannot give."""
+    size = max(1, size)
+    for directory in (BLOCK_DIR, None) if BLOCK_DIR is not None else (None,):
+        handle, path = tempfile.mkstemp(prefix=BLOCK_PREFIX, dir=directory)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle, 0, size)
+            else:
+                os.ftruncate(handle, size)
+        except OSError:
+            os.close(handle)
+            os.unlink(path)
+            if directory is None:
+                raise
+            continue
+        os.close(handle)
+        return path, np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+    raise AssertionError("unreachable")
 
 
 class _RemoteJob:
