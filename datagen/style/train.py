@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..imageio import BadInput, load_rgb
+from ..shards import sha256_file
 from . import StyleError, resize, style_image_files
 from .adain import adain, feature_stats, resolve_device
 from .adain_net import encoder_layers, load_decoder, load_encoder, make_decoder
@@ -59,14 +60,12 @@ PREVIEW_ROWS = 4
 PREVIEW_SUFFIX = ".preview.jpg"
 PREVIEW_STREAM = 1
 """The preview examples are drawn from ``default_rng([seed, PREVIEW_STREAM])``, apart from
-the training stream ``default_rng(seed)``."""
+the training stream (:data:`TRAIN_STREAM`)."""
 PREVIEW_JPEG_QUALITY = 90
 TRAIN_STREAM = 0
 """The images and crops of step ``s`` are drawn from ``default_rng([seed, TRAIN_STREAM, s])``."""
 STATE_SUFFIX = ".state.pth"
 STATE_FORMAT = 1
-RESUME_SETTINGS = ("batch_size", "size", "crop", "lr", "lr_decay", "style_weight", "content_weight", "seed")
-"""Options a resumed run must share with the run it continues (with the image lists and VGG file)."""
 
 
 class StyleTrainError(StyleError):
@@ -302,14 +301,6 @@ def _file_list_digest(files) -> str:
     return digest.hexdigest()[:16]
 
 
-def _file_digest(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def preview_path(out_path) -> Path:
     """Where the preview of a decoder saved at ``out_path`` goes: ``decoder.preview.jpg``."""
     return Path(out_path).with_suffix(PREVIEW_SUFFIX)
@@ -419,7 +410,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
     settings = {"batch_size": batch_size, "size": size, "crop": crop, "lr": lr, "lr_decay": lr_decay,
                 "style_weight": style_weight, "content_weight": content_weight, "seed": seed,
                 "content_files": _file_list_digest(content.files), "style_files": _file_list_digest(style.files),
-                "vgg": _file_digest(vgg_path)}
+                "vgg": sha256_file(vgg_path)[:16]}
     first_step = 0
     state = load_state(state_path(out_path), settings) if resume else None
     if state is not None:
