@@ -143,8 +143,8 @@ def main() -> None:
               f"{args.pairs} accepted {args.objects}-object pairs at 480 px, style none, 1 thread, "
               f"best of {args.rounds} rounds")
         results = {}
-        # the two methods alternate for --rounds rounds and each keeps its fastest round, so a
-        # slow spell of this shared machine does not land on one method only
+        # the generators alternate for --rounds rounds and each keeps its fastest round, so a
+        # slow spell of this shared machine does not land on one of them only
         methods = ("poisson", "cv2", "released") if args.objects == 1 else ("poisson", "cv2")
         for _ in range(args.rounds):
             for method in methods:
