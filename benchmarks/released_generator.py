@@ -113,6 +113,7 @@ class ReleasedGeneratorSteps:
         lap("blend")
 
         src_to_tgt = _affine_chain(size, new_size, obj.angle_deg, box, scale, (x0, y0))
+        # the target's grid mask is unused, as in the released script, which computes it too
         masks = [_grid_mask(np.array(mask), self.cells), _grid_mask(target_mask, self.cells)]
         fields = [self._affine_on_grid(src_to_tgt), self._affine_on_grid(np.linalg.inv(src_to_tgt))]
         src_mask, tgt_mask = _cycle_masks(masks[0], *fields)
