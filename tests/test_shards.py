@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 
 import numpy as np
@@ -64,6 +65,27 @@ def test_tar_members_are_reproducible(tmp_path):
     for member in members:
         assert member.mtime == 0 and member.mode == 0o444
         assert member.uname == "datagen" and member.gname == "datagen"
+
+
+def test_bytes_are_those_tarfile_writes(tmp_path):
+    """The writer assembles headers and padding itself: the file must be exactly the archive that
+    the stdlib's TarFile (what webdataset's TarWriter uses) writes for the same members, its
+    end-of-archive blocks and record padding included."""
+    samples = [encode_sample(make_sample(sample_key(0, i), seed=i), 90) for i in range(3)]
+    with ShardWriter(tmp_path / shard_name(0)) as writer:
+        for members in samples:
+            writer.write(members)
+    reference = tmp_path / "reference.tar"
+    with tarfile.open(reference, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for members in samples:
+            for field in sorted(name for name in members if name != "__key__"):
+                info = tarfile.TarInfo(f"{members['__key__']}.{field}")
+                info.size, info.mtime, info.mode = len(members[field]), 0, 0o444
+                info.uname = info.gname = "datagen"
+                tar.addfile(info, io.BytesIO(members[field]))
+    written = (tmp_path / shard_name(0)).read_bytes()
+    assert written == reference.read_bytes()
+    assert len(written) % tarfile.RECORDSIZE == 0
 
 
 def test_exception_leaves_nothing(tmp_path):
