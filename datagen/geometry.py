@@ -159,25 +159,34 @@ class ThinPlateSpline:
         return axis[index] - _solve2(jac[node], image[node] - target)
 
     def inverse(self, points: np.ndarray, iterations: int = 20) -> np.ndarray:
-        """Numerical inverse by Newton's method: p with self(p) = points, for (..., 2) points.
+        """Numerical inverse by Newton's method: p with self(p) = points, for (..., 2) points
+        (:meth:`inverse_with_residual` without the residual)."""
+        return self.inverse_with_residual(points, iterations)[0]
+
+    def inverse_with_residual(self, points: np.ndarray, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """Numerical inverse by Newton's method: p with self(p) = points, for (..., 2) points, and
+        the residual self(p) - points at the returned p, (..., 2): the round trip, measured by
+        the iteration's own last evaluation (no extra one).
 
         Two steps come from the lattice, with the values and Jacobians cached there: from the
         lattice point nearest to the target (the spline moves points by a few lattice steps at
         most), then from the one nearest to that first estimate. For an unfolded spline the
         iteration then converges to 1e-5 of the image (0.005 px at 480 px) in about two steps,
-        and each step only moves the points not yet converged. Callers check the round trip."""
+        and each step only moves the points not yet converged. Callers check the residual."""
         target = points.reshape(-1, 2).astype(np.float64)
         guess = self._lattice_newton_step(self._lattice_newton_step(target, target), target)
+        final_residual = np.zeros_like(target)
         active = np.arange(len(target))
-        for _ in range(iterations):
+        for iteration in range(iterations + 1):
             value, jac = self._evaluate(guess[active], True)
             residual = value - target[active]
+            final_residual[active] = residual
             moving = np.abs(residual).max(axis=1) >= 1e-5
-            if not moving.any():
+            if not moving.any() or iteration == iterations:
                 break
             active = active[moving]
             guess[active] -= _solve2(jac[moving], residual[moving])
-        return guess.reshape(points.shape)
+        return guess.reshape(points.shape), final_residual.reshape(points.shape)
 
     def to_json(self) -> dict:
         return {"controls": self.controls.tolist(), "targets": self.targets.tolist()}
@@ -220,10 +229,17 @@ class SegmentWarp:
 
     def src_to_tgt(self, points: np.ndarray) -> np.ndarray:
         """(..., 2) continuous source pixels -> continuous target pixels (TPS numerically inverted)."""
-        if self.tps is not None:
-            size = np.asarray(self.src_size, float)
-            points = self.tps.inverse(points / size) * size
-        return apply_affine(self.affine, points)
+        return self.src_to_tgt_checked(points)[0]
+
+    def src_to_tgt_checked(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`src_to_tgt` and its round-trip error tgt_to_src(src_to_tgt(p)) - p, (..., 2)
+        source pixels, as the TPS inverse's last Newton evaluation measured it (zeros without a
+        TPS: the affine part is inverted exactly)."""
+        if self.tps is None:
+            return apply_affine(self.affine, points), np.zeros(np.shape(points))
+        size = np.asarray(self.src_size, float)
+        unwarped, residual = self.tps.inverse_with_residual(points / size)
+        return apply_affine(self.affine, unwarped * size), residual * size
 
     def tgt_to_src(self, points: np.ndarray) -> np.ndarray:
         """(..., 2) continuous target pixels -> continuous source pixels (exact)."""
@@ -363,17 +379,20 @@ def remap_maps(warp: SegmentWarp, roi: tuple, lattice_step: float = 4.0) -> tupl
     """cv2.remap maps (map_x, map_y), each (y1 - y0, x1 - x0) float32: the source pixel index
     (continuous pixel - 0.5) that each pixel of the target rectangle ``roi`` comes from.
 
-    ``warp.tgt_to_src`` is evaluated exactly on a lattice of target points spaced
-    ``lattice_step`` source pixels apart (the step in target pixels is ``lattice_step`` times the
-    affine part's smallest singular value, at least one pixel) and interpolated in between with
-    Catmull-Rom cubics, one axis after the other. The spline's second derivatives are only
-    log-singular, so the error falls like the step squared: below 0.1 source pixel at the default
-    step of 4 for the paper's splines (tested), while a step of 8 target pixels with bilinear
-    interpolation is off by up to 9 source pixels on a shrunken segment.
+    ``warp.tgt_to_src`` is evaluated exactly on a lattice of target points and interpolated in
+    between with Catmull-Rom cubics, one axis after the other. The spline's second derivatives are
+    only log-singular, so the error falls like the square of the step in source pixels: below 0.1
+    source pixel at ``lattice_step`` = 4 source pixels for the paper's splines. On a shrunken
+    segment (largest scale s < 1) that error moves the content by s times as much in the target,
+    so the step grows by 1 / sqrt(s) for the same 0.1 pixel in the target: 2 to 3 times fewer
+    lattice points there (tested: within 0.1 source or 0.1 target pixel, whichever is larger).
+    In target pixels the step is that many source pixels times the affine part's smallest
+    singular value, and at least one. A step of 8 target pixels with bilinear interpolation
+    instead is off by up to 9 source pixels on a shrunken segment.
     """
     x0, y0, x1, y1 = roi
-    smallest_scale = np.linalg.svd(warp.affine[:2, :2], compute_uv=False)[-1]
-    step = max(1.0, lattice_step * smallest_scale)
+    largest_scale, smallest_scale = np.linalg.svd(warp.affine[:2, :2], compute_uv=False)
+    step = max(1.0, lattice_step * smallest_scale * max(1.0, largest_scale ** -0.5))
     weights_x, nodes_x = catmull_rom_matrix(x1 - x0, step)
     weights_y, nodes_y = catmull_rom_matrix(y1 - y0, step)
     lattice = warp.tgt_to_src(np.stack(np.meshgrid(x0 + 0.5 + nodes_x, y0 + 0.5 + nodes_y), axis=-1)) - 0.5

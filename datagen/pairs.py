@@ -121,7 +121,7 @@ def grids_from_warps(warps: list, src_mask: np.ndarray, grid_shape: tuple, tgt_s
     (h, w, 2), ``src_grid_mask`` (h, w), ``tgt_grid_mask`` (h, w); flows are normalised to the
     other image, and a cell takes the flow of the object that covers most of it. Also
     ``round_trip_cells``: the largest |tgt_to_src(src_to_tgt(p)) - p| over source cell centres,
-    in cells (non-zero only through the TPS's numerical inverse).
+    in cells (non-zero only through the TPS's numerical inverse, which measures it).
     """
     src_size = (src_mask.shape[1], src_mask.shape[0])
     cell = np.asarray(src_size, float) / np.asarray(grid_shape[::-1], float)
@@ -129,11 +129,10 @@ def grids_from_warps(warps: list, src_mask: np.ndarray, grid_shape: tuple, tgt_s
     src_to_tgt = tgt_to_src = None
     src_masks, tgt_masks, round_trip = [], [], 0.0
     for k, warp in enumerate(warps):
-        landed = warp.src_to_tgt(centres)
+        landed, round_trip_px = warp.src_to_tgt_checked(centres)
         forward = landed / np.asarray(tgt_size, float)
         backward = warp_grid(warp.tgt_to_src, grid_shape, tgt_size, src_size)
-        if warp.tps is not None:
-            round_trip = max(round_trip, float((np.abs(warp.tgt_to_src(landed) - centres) / cell).max()))
+        round_trip = max(round_trip, float((np.abs(round_trip_px) / cell).max()))
         coverage = cv2.resize((src_mask == k + 1).astype(np.float32), grid_shape[::-1], interpolation=cv2.INTER_AREA)
         src_grid, tgt_grid = cycle_consistent_masks(coverage, forward, backward)
         if k == 0:
