@@ -78,14 +78,12 @@ class ThinPlateSpline:
         return coef
 
     def _float32(self) -> tuple:
-        """The float32 terms of :meth:`_evaluate` (cached): control x and y as (K, 1) columns,
-        weights (K, 2), offset (2,) and affine part (2, 2)."""
+        """The float32 terms of :meth:`_evaluate` (cached): control x and y as (K, 1) columns and
+        the coefficients (K + 3, 2)."""
         cached = self.__dict__.get("_f32")
         if cached is None:
-            coef = self._coefficients().astype(np.float32)
-            k = len(self.controls)
             controls = self.controls.astype(np.float32)
-            cached = (controls[:, :1].copy(), controls[:, 1:].copy(), coef[:k], coef[k], coef[k + 1:])
+            cached = (controls[:, :1].copy(), controls[:, 1:].copy(), self._coefficients().astype(np.float32))
             object.__setattr__(self, "_f32", cached)
         return cached
 
@@ -94,32 +92,39 @@ class ThinPlateSpline:
 
         Evaluated in float32 (accurate to ~1e-6 of the image, a few thousandths of a pixel at
         480 px), with (K, N) arrays built from contiguous coordinate rows, logarithms by cv2.log
-        (vectorised: 5x np.log's speed here, as accurate in float32) and sums over the K
-        controls by np.einsum: no BLAS, whose rounding can change with its thread count (and a
-        build must give the same bytes with any number of workers)."""
+        (vectorised: 5x np.log's speed here, as accurate in float32) and the sums over the K
+        controls and the affine part in one np.einsum over a (1 or 3, K + 3, N) block of basis
+        functions and their x and y derivatives (one call: its overhead is most of the time of a
+        small evaluation, and the Newton inverse makes many). No BLAS, whose rounding can change
+        with its thread count (and a build must give the same bytes with any number of workers)."""
         if len(flat) == 0:  # cv2.log returns None for an empty array
             return np.zeros((0, 2)), (np.zeros((0, 2, 2)) if with_jacobian else None)
-        controls_x, controls_y, weights, offset, affine = self._float32()
+        controls_x, controls_y, coef = self._float32()
+        k = len(controls_x)
         flat = flat.astype(np.float32)
-        dx = controls_x - np.ascontiguousarray(flat[:, 0])  # (K, N): c_k - p
-        dy = controls_y - np.ascontiguousarray(flat[:, 1])
+        x, y = np.ascontiguousarray(flat[:, 0]), np.ascontiguousarray(flat[:, 1])
+        # rows of the block, against coef's: U_k (K), 1, x, y; then d/dx: dU_k/dx, 0, 1, 0; d/dy: dU_k/dy, 0, 0, 1
+        block = np.empty((3 if with_jacobian else 1, k + 3, len(flat)), np.float32)
+        dx = controls_x - x  # (K, N): c_k - p
+        dy = controls_y - y
         d2 = dx * dx
         d2 += dy * dy
         np.maximum(d2, np.float32(1e-30), out=d2)
         log = cv2.log(d2)
-        kernel = d2 * log  # U = r^2 log r^2
-        value = np.einsum("ki,kn->in", weights, kernel).T + offset + flat[:, :1] * affine[0] + flat[:, 1:] * affine[1]
+        np.multiply(d2, log, out=block[0, :k])  # U = r^2 log r^2
+        block[0, k], block[0, k + 1], block[0, k + 2] = 1.0, x, y
+        if with_jacobian:
+            # dU/dp = 2 (log r^2 + 1) (p - c_k) = -2 (log r^2 + 1) (c_k - p)
+            log += 1.0
+            log *= -2.0
+            np.multiply(dx, log, out=block[1, :k])
+            np.multiply(dy, log, out=block[2, :k])
+            block[1:, k:] = 0.0
+            block[1, k + 1] = block[2, k + 2] = 1.0
+        sums = np.einsum("ki,mkn->min", coef, block).transpose(0, 2, 1).astype(np.float64)  # (m, N, i)
         if not with_jacobian:
-            return value.astype(np.float64), None
-        # dU/dp = 2 (log r^2 + 1) (p - c_k); J_ij = sum_k W_ki dU_k/dp_j + A_ji
-        factor = log
-        factor += 1.0
-        factor *= -2.0  # times (c_k - p) below
-        dx *= factor
-        dy *= factor
-        jac = np.stack([np.einsum("ki,kn->in", weights, dx),
-                        np.einsum("ki,kn->in", weights, dy)], axis=-1)  # (i, N, j)
-        return value.astype(np.float64), (jac.transpose(1, 0, 2) + affine.T).astype(np.float64)
+            return sums[0], None
+        return sums[0], sums[1:].transpose(1, 2, 0)  # J[n, i, j] = d out_i / d in_j
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         """Apply the spline to (..., 2) normalised points."""
