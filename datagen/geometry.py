@@ -159,9 +159,12 @@ class ThinPlateSpline:
         each of ``points``, with the value and Jacobian cached there (no evaluation)."""
         image, jac, _ = self._lattice()
         axis = self._LATTICE
-        index = np.clip(np.rint((points - axis[0]) / (axis[1] - axis[0])), 0, len(axis) - 1).astype(int)
+        index = np.rint((points - axis[0]) * (1.0 / (axis[1] - axis[0])))
+        np.clip(index, 0, len(axis) - 1, out=index)
+        index = index.astype(np.intp)
         node = index[:, 1] * len(axis) + index[:, 0]
-        return axis[index] - _solve2(jac[node], image[node] - target)
+        step = _solve2(jac[node], image[node] - target)
+        return np.subtract(axis[index], step, out=step)
 
     def inverse(self, points: np.ndarray, iterations: int = 20) -> np.ndarray:
         """Numerical inverse by Newton's method: p with self(p) = points, for (..., 2) points
@@ -181,20 +184,23 @@ class ThinPlateSpline:
         unwarped, residual, _ = self._newton_inverse(points.reshape(-1, 2), iterations)
         return unwarped.reshape(points.shape), residual.reshape(points.shape)
 
-    def _newton_inverse(self, target: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`inverse_with_residual` of (N, 2) points, with the Jacobians (N, 2, 2) at the
-        returned points as well (the last evaluation computed them)."""
+    def _newton_inverse(self, target: np.ndarray, iterations: int,
+                        keep_jacobian: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`inverse_with_residual` of (N, 2) points, and if asked the Jacobians (N, 2, 2)
+        at the returned points (the last evaluation computed them)."""
         target = target.astype(np.float64)
         guess = self._lattice_newton_step(self._lattice_newton_step(target, target), target)
         final_residual = np.zeros_like(target)
-        final_jac = np.zeros((len(target), 2, 2))
+        final_jac = np.zeros((len(target), 2, 2)) if keep_jacobian else None
         active = np.arange(len(target))
         for iteration in range(iterations + 1):
             value, jac = self._evaluate(guess[active], True)
-            residual = value - target[active]
+            residual = np.subtract(value, target[active], out=value)
             final_residual[active] = residual
-            final_jac[active] = jac
-            moving = np.abs(residual).max(axis=1) >= 1e-5
+            if keep_jacobian:
+                final_jac[active] = jac
+            size = np.abs(residual)
+            moving = (size[:, 0] >= 1e-5) | (size[:, 1] >= 1e-5)
             if not moving.any() or iteration == iterations:
                 break
             active = active[moving]
@@ -216,10 +222,11 @@ def _det(jac: np.ndarray) -> np.ndarray:
 
 def _solve2(jac: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """(N, 2) solutions x of jac x = rhs for (N, 2, 2) ``jac``, in closed form: adj(J) rhs / det(J)."""
-    det = _det(jac)
-    x = (jac[:, 1, 1] * rhs[:, 0] - jac[:, 0, 1] * rhs[:, 1]) / det
-    y = (jac[:, 0, 0] * rhs[:, 1] - jac[:, 1, 0] * rhs[:, 0]) / det
-    return np.stack([x, y], axis=1)
+    inverse_det = 1.0 / _det(jac)
+    out = np.empty(rhs.shape)
+    np.multiply(jac[:, 1, 1] * rhs[:, 0] - jac[:, 0, 1] * rhs[:, 1], inverse_det, out=out[:, 0])
+    np.multiply(jac[:, 0, 0] * rhs[:, 1] - jac[:, 1, 0] * rhs[:, 0], inverse_det, out=out[:, 1])
+    return out
 
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -266,7 +273,7 @@ class SegmentWarp:
         if self.tps is None:
             return apply_affine(self.affine, (centres[:, None, :] + corners).reshape(-1, 2))
         size = np.asarray(self.src_size, float)
-        unwarped, _, jac = self.tps._newton_inverse(centres.reshape(-1, 2) / size, 20)  # normalised
+        unwarped, _, jac = self.tps._newton_inverse(centres.reshape(-1, 2) / size, 20, keep_jacobian=True)
         # the spline maps unwarped + d to source + J d: a source offset e comes from J^-1 e
         offsets = np.stack([_solve2(jac, np.broadcast_to(corner / size, unwarped.shape)) for corner in corners], 1)
         return apply_affine(self.affine, ((unwarped[:, None, :] + offsets) * size).reshape(-1, 2))
