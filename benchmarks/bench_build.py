@@ -1,12 +1,13 @@
 """Pairs per second of the pair builder on one core, with the time per stage.
 
-    python benchmarks/bench_build.py [--pairs 200] [--objects 1] [--data sample | ../shared/data/coco-mini]
+    python benchmarks/bench_build.py [--pairs 300] [--objects 1] [--data sample | ../shared/data/coco-mini]
 
 Builds one-object pairs at 480 px with --style none from real COCO images (the embedded 400 px
 sample by default, the issue's setting; or coco-mini's 640 px originals), single-threaded, and
 prints pairs/s, milliseconds per accepted pair for each stage (load, warp, blend,
 correspondences, encode/write), the CPU time and the bytes written per pair. In one run it times
-four generators, alternately, on plans drawn from the same attempt seeds: ours as configured by
+four generators on plans drawn from the same attempt seeds, interleaved in turns of 10 attempts
+so that a shared machine's drifting speed reaches all of them alike: ours as configured by
 default (a thin-plate spline on half the pairs, the paper's setting), ours with no TPS (the work
 of the released one-object script, which has none), ours with cv2.seamlessClone, and the
 baseline, the per-pair steps of the authors' released generator (``released_generator.py``:
@@ -60,50 +61,117 @@ def source_paths(data: str) -> tuple[Path, Path]:
     return root / "instances.json", root / "images"
 
 
-def run(builder: PairBuilder, sampler: Sampler, pairs: int, objects: int, quality: int) -> dict:
-    """Build until ``pairs`` are accepted into a shard in a temporary folder; returns per-stage
-    seconds, counts and bytes."""
-    builder.timer.seconds.clear()
-    with tempfile.TemporaryDirectory() as tmp, ShardWriter(Path(tmp) / "shard-000000.tar") as writer:
-        return _run(builder, sampler, pairs, objects, quality, writer)
+class TimedGenerator:
+    """One generator under test, run attempt by attempt so that all of them share the machine's
+    slow and fast spells (:func:`interleave`). ``attempt(index)`` builds the pair of attempt
+    ``index`` (its plan drawn from ``attempt_rng(0, 0, index)``) and says whether it was kept;
+    ``timed`` adds its wall and CPU time and counts it."""
 
+    def __init__(self, name: str):
+        self.name = name
+        self.total = self.cpu = 0.0
+        self.accepted = self.attempts = 0
 
-def _run(builder, sampler, pairs, objects, quality, writer) -> dict:
-    accepted = attempts = 0
-    encode = 0.0
-    started, cpu_started = time.perf_counter(), time.process_time()
-    while accepted < pairs:
-        rng = attempt_rng(0, 0, attempts)
-        attempts += 1
-        try:
-            sample = builder.build(sampler.plan(rng, objects), f"{accepted:06d}")
-        except Rejected:
-            continue
-        t0 = time.perf_counter()
-        writer.write(encode_sample(sample, quality))
-        encode += time.perf_counter() - t0
-        accepted += 1
-    total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    stages = dict(builder.timer.seconds, **{"encode/write": encode})
-    return {"total": total, "cpu": cpu, "stages": stages, "accepted": accepted, "attempts": attempts,
-            "bytes": writer.member_bytes}
+    def attempt(self, index: int) -> bool:
+        raise NotImplementedError
 
+    def stages(self) -> dict:
+        raise NotImplementedError
 
-def run_released(steps: ReleasedGeneratorSteps, sampler: Sampler, pairs: int) -> dict:
-    """The released generator's steps on the same plans as :func:`run` (same attempt seeds),
-    writing its four files per pair into a temporary folder."""
-    steps.seconds.clear()
-    accepted = attempts = 0
-    with tempfile.TemporaryDirectory() as tmp:
+    def bytes_written(self) -> int:
+        raise NotImplementedError
+
+    def timed(self, index: int) -> None:
         started, cpu_started = time.perf_counter(), time.process_time()
-        while accepted < pairs:
-            rng = attempt_rng(0, 0, attempts)
-            attempts += 1
-            accepted += steps.build(sampler.plan(rng, 1), Path(tmp), f"{accepted:06d}")
-        total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        written = sum(path.stat().st_size for path in Path(tmp).iterdir())
-    return {"total": total, "cpu": cpu, "stages": dict(steps.seconds), "accepted": accepted,
-            "attempts": attempts, "bytes": written}
+        kept = self.attempt(index)
+        self.total += time.perf_counter() - started
+        self.cpu += time.process_time() - cpu_started
+        self.attempts += 1
+        self.accepted += kept
+
+    def reset(self) -> None:
+        """Forget the warm-up: times, counts, stage times and bytes start again from zero."""
+        self.total = self.cpu = 0.0
+        self.accepted = self.attempts = 0
+
+
+class OurGenerator(TimedGenerator):
+    """Our builder, writing into one shard in ``out_dir``."""
+
+    def __init__(self, name: str, bank, images: Path, config: BuildConfig, objects: int, out_dir: Path):
+        super().__init__(name)
+        self.builder, self.sampler = PairBuilder(bank, images, config), Sampler(bank, config)
+        self.objects, self.quality = objects, config.jpeg_quality
+        self.writer = ShardWriter(out_dir / "shard-000000.tar").__enter__()
+        self.encode, self.bytes_before = 0.0, 0
+
+    def attempt(self, index: int) -> bool:
+        try:
+            sample = self.builder.build(self.sampler.plan(attempt_rng(0, 0, index), self.objects), f"{index:06d}")
+        except Rejected:
+            return False
+        started = time.perf_counter()
+        self.writer.write(encode_sample(sample, self.quality))
+        self.encode += time.perf_counter() - started
+        return True
+
+    def stages(self) -> dict:
+        return dict(self.builder.timer.seconds, **{"encode/write": self.encode})
+
+    def bytes_written(self) -> int:
+        return self.writer.member_bytes - self.bytes_before
+
+    def reset(self) -> None:
+        super().reset()
+        self.builder.timer.seconds.clear()
+        self.encode, self.bytes_before = 0.0, self.writer.member_bytes
+
+
+class ReleasedGenerator(TimedGenerator):
+    """The released generator's steps (one object), writing its four files per pair to ``out_dir``."""
+
+    def __init__(self, name: str, steps: ReleasedGeneratorSteps, sampler: Sampler, out_dir: Path):
+        super().__init__(name)
+        self.steps, self.sampler, self.out_dir = steps, sampler, out_dir
+        self.bytes_before = 0
+
+    def attempt(self, index: int) -> bool:
+        return self.steps.build(self.sampler.plan(attempt_rng(0, 0, index), 1), self.out_dir, f"{index:06d}")
+
+    def stages(self) -> dict:
+        return dict(self.steps.seconds)
+
+    def _written(self) -> int:
+        return sum(path.stat().st_size for path in self.out_dir.iterdir())
+
+    def bytes_written(self) -> int:
+        return self._written() - self.bytes_before
+
+    def reset(self) -> None:
+        super().reset()
+        self.steps.seconds.clear()
+        self.bytes_before = self._written()
+
+
+def interleave(generators: list, pairs: int, block: int = 10, warm_up: int = 5) -> None:
+    """Run the generators in turns of ``block`` consecutive attempts each, in an order that
+    rotates, until each has kept ``pairs`` pairs after ``warm_up`` attempts each. Every generator
+    meets the same slow and fast spells of a shared machine, so their ratios hold even when its
+    speed drifts (whole runs one after the other moved them by 10 % and more here), and each
+    runs warm within its turn, as in a build (attempt by attempt, every generator ran 20-40 %
+    slower, evicted from the caches by the others)."""
+    for generator in generators:
+        for index in range(warm_up):
+            generator.timed(index)
+        generator.reset()
+    start = warm_up
+    while any(generator.accepted < pairs for generator in generators):
+        shift = (start // block) % len(generators)
+        for generator in generators[shift:] + generators[:shift]:
+            for index in range(start, start + block):
+                if generator.accepted < pairs:
+                    generator.timed(index)
+        start += block
 
 
 def codec_floors(images: Path, quality: int, size: int = 480, count: int = 40, repeats: int = 3) -> dict:
@@ -144,10 +212,9 @@ def generator_config(method: str, objects: int) -> BuildConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=200, help="accepted pairs per generator and round")
+    parser.add_argument("--pairs", type=int, default=300, help="accepted pairs per generator")
     parser.add_argument("--objects", type=int, choices=(1, 2), default=1,
                         help="objects per pair (the baseline is the one-object script: 1 only)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest is kept")
     parser.add_argument("--data", default="sample",
                         help="'sample' (the embedded 400 px sample, the issue's setting) or a coco-mini "
                              f"folder (640 px originals: {COCO_MINI})")
@@ -156,52 +223,53 @@ def main() -> None:
     cv2.setNumThreads(1)
     annotations, images = source_paths(args.data)
     with tempfile.TemporaryDirectory() as tmp:
-        write_bank(CocoSource(annotations, images).scan(), tmp)
-        bank = SegmentBank.load(tmp)
+        write_bank(CocoSource(annotations, images).scan(), Path(tmp) / "bank")
+        bank = SegmentBank.load(Path(tmp) / "bank")
         print(f"data: {annotations.parent} ({len(bank)} segments, {len(bank.images.image_ids)} images); "
               f"{args.pairs} accepted {args.objects}-object pairs at 480 px, style none, 1 thread, "
-              f"best of {args.rounds} rounds")
-        results = {}
-        # the generators alternate for --rounds rounds and each keeps its fastest round, so a
-        # slow spell of this shared machine does not land on one of them only
-        methods = [m for m in GENERATORS if args.objects == 1 or m != "released"]
-        for _ in range(args.rounds):
-            for method in methods:
-                config = generator_config(method, args.objects)
-                sampler = Sampler(bank, config)
-                if method == "released":
-                    steps = ReleasedGeneratorSteps(annotations, images, bank, config.image_size, config.stride)
-                    run_released(steps, sampler, 5)  # warm-up
-                    result = run_released(steps, sampler, args.pairs)
-                else:
-                    builder = PairBuilder(bank, images, config)
-                    run(builder, sampler, 5, args.objects, config.jpeg_quality)  # warm-up
-                    result = run(builder, sampler, args.pairs, args.objects, config.jpeg_quality)
-                if method not in results or result["total"] < results[method]["total"]:
-                    results[method] = result
-        for method, result in results.items():
-            ms = {k: 1000 * v / result["accepted"] for k, v in result["stages"].items()}
-            per_pair = 1000 * result["total"] / result["accepted"]
-            print(f"\n{GENERATORS[method]}: {result['accepted'] / result['total']:.1f} pairs/s, {per_pair:.1f} ms "
-                  f"per accepted pair ({1000 * result['cpu'] / result['accepted']:.1f} ms of CPU; "
-                  f"{result['attempts']} attempts), {result['bytes'] / result['accepted'] / 1024:.0f} KB per pair")
+              f"generators interleaved in turns of 10 attempts")
+        generators = []
+        for method in GENERATORS:
+            if method == "released" and args.objects != 1:
+                continue
+            config, out_dir = generator_config(method, args.objects), Path(tmp) / method
+            out_dir.mkdir()
+            if method == "released":
+                steps = ReleasedGeneratorSteps(annotations, images, bank, config.image_size, config.stride)
+                generators.append(ReleasedGenerator(method, steps, Sampler(bank, config), out_dir))
+            else:
+                generators.append(OurGenerator(method, bank, images, config, args.objects, out_dir))
+        interleave(generators, args.pairs)
+        results = {g.name: g for g in generators}
+        for generator in generators:
+            ms = {k: 1000 * v / generator.accepted for k, v in generator.stages().items()}
+            per_pair = 1000 * generator.total / generator.accepted
+            print(f"\n{GENERATORS[generator.name]}: {generator.accepted / generator.total:.1f} pairs/s, "
+                  f"{per_pair:.1f} ms per accepted pair ({1000 * generator.cpu / generator.accepted:.1f} ms of "
+                  f"CPU; {generator.attempts} attempts), "
+                  f"{generator.bytes_written() / generator.accepted / 1024:.0f} KB per pair")
             for stage in ("load", "warp", "blend", "correspondences", "encode/write"):
                 print(f"  {stage:16s} {ms.get(stage, 0.0):6.2f} ms")
         fast, slow = results["poisson"], results["cv2"]
         print(f"\nblend stage, cv2.seamlessClone / DST solver: "
-              f"{slow['stages']['blend'] / fast['stages']['blend']:.2f}x; whole pair: "
-              f"{slow['total'] / fast['total']:.2f}x")
+              f"{slow.stages()['blend'] / fast.stages()['blend']:.2f}x; whole pair: "
+              f"{slow.total / slow.accepted / (fast.total / fast.accepted):.2f}x")
         floors = codec_floors(images, BuildConfig().jpeg_quality)
         print(f"floors, alone on the same images: decoding the two input JPEGs {floors['decode']:.1f} ms, "
               f"encoding the two output JPEGs {floors['encode']:.1f} ms per pair")
         if "released" in results:
-            per_pair = {m: 1000 * r["total"] / r["accepted"] for m, r in results.items()}
+            per_pair = {name: 1000 * g.total / g.accepted for name, g in results.items()}
             baseline = per_pair["released"]
             print(f"baseline / ours, whole pair (aim: >= 3x, i.e. <= {baseline / 3:.1f} ms here; the issue's figures "
                   f"from another machine: released 48 ms, aim 16 ms):")
-            print(f"  same work (no TPS):        {baseline / per_pair['poisson-no-tps']:.2f}x faster per core")
+            print(f"  same work (no TPS):         {baseline / per_pair['poisson-no-tps']:.2f}x faster per core")
             print(f"  with TPS on half the pairs: {baseline / per_pair['poisson']:.2f}x (work the baseline does not do)")
-        json.dump({k: {**v, "stages": v["stages"]} for k, v in results.items()}, sys.stderr, default=float)
+        for generator in generators:
+            if isinstance(generator, OurGenerator):
+                generator.writer.__exit__(None, None, None)
+        summary = {g.name: {"total": g.total, "cpu": g.cpu, "stages": g.stages(), "accepted": g.accepted,
+                            "attempts": g.attempts, "bytes": g.bytes_written()} for g in generators}
+        json.dump(summary, sys.stderr, default=float)
         print(file=sys.stderr)
 
 
