@@ -23,6 +23,7 @@ times faster per core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,13 +97,12 @@ class TimedGenerator:
 
 
 class OurGenerator(TimedGenerator):
-    """Our builder, writing into one shard in ``out_dir``."""
+    """Our builder, writing into an open :class:`ShardWriter`."""
 
-    def __init__(self, name: str, bank, images: Path, config: BuildConfig, objects: int, out_dir: Path):
+    def __init__(self, name: str, bank, images: Path, config: BuildConfig, objects: int, writer: ShardWriter):
         super().__init__(name)
         self.builder, self.sampler = PairBuilder(bank, images, config), Sampler(bank, config)
-        self.objects, self.quality = objects, config.jpeg_quality
-        self.writer = ShardWriter(out_dir / "shard-000000.tar").__enter__()
+        self.objects, self.quality, self.writer = objects, config.jpeg_quality, writer
         self.encode, self.bytes_before = 0.0, 0
 
     def attempt(self, index: int) -> bool:
@@ -222,7 +222,7 @@ def main() -> None:
 
     cv2.setNumThreads(1)
     annotations, images = source_paths(args.data)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as writers:
         write_bank(CocoSource(annotations, images).scan(), Path(tmp) / "bank")
         bank = SegmentBank.load(Path(tmp) / "bank")
         print(f"data: {annotations.parent} ({len(bank)} segments, {len(bank.images.image_ids)} images); "
@@ -238,7 +238,8 @@ def main() -> None:
                 steps = ReleasedGeneratorSteps(annotations, images, bank, config.image_size, config.stride)
                 generators.append(ReleasedGenerator(method, steps, Sampler(bank, config), out_dir))
             else:
-                generators.append(OurGenerator(method, bank, images, config, args.objects, out_dir))
+                writer = writers.enter_context(ShardWriter(out_dir / "shard-000000.tar"))
+                generators.append(OurGenerator(method, bank, images, config, args.objects, writer))
         interleave(generators, args.pairs)
         results = {g.name: g for g in generators}
         for generator in generators:
@@ -264,9 +265,6 @@ def main() -> None:
                   f"from another machine: released 48 ms, aim 16 ms):")
             print(f"  same work (no TPS):         {baseline / per_pair['poisson-no-tps']:.2f}x faster per core")
             print(f"  with TPS on half the pairs: {baseline / per_pair['poisson']:.2f}x (work the baseline does not do)")
-        for generator in generators:
-            if isinstance(generator, OurGenerator):
-                generator.writer.__exit__(None, None, None)
         summary = {g.name: {"total": g.total, "cpu": g.cpu, "stages": g.stages(), "accepted": g.accepted,
                             "attempts": g.attempts, "bytes": g.bytes_written()} for g in generators}
         json.dump(summary, sys.stderr, default=float)

@@ -27,7 +27,6 @@ TAR_GROUP = "datagen"
 TAR_MODE = 0o444
 TAR_MTIME = 0
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
-_NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
 _SHARD_NAME = re.compile(r"^shard-(\d{%d,})\." % SHARD_DIGITS)
 
 
@@ -170,8 +169,8 @@ class ShardWriter:
             info = tarfile.TarInfo(f"{key}.{field}")
             info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
             info.uname, info.gname = TAR_USER, TAR_GROUP
-            parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data,
-                      _NUL_BLOCK[:-len(data) % tarfile.BLOCKSIZE]]  # data padded to whole blocks
+            padding = -len(data) % tarfile.BLOCKSIZE  # zeros up to a whole block
+            parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data, bytes(padding)]
             size += len(data)
         self._hashing.write(b"".join(parts))
         self._keys.add(key)
