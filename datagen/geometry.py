@@ -184,7 +184,7 @@ class ThinPlateSpline:
         unwarped, residual, _ = self._newton_inverse(points.reshape(-1, 2), iterations)
         return unwarped.reshape(points.shape), residual.reshape(points.shape)
 
-    def _newton_inverse(self, target: np.ndarray, iterations: int,
+    def _newton_inverse(self, target: np.ndarray, iterations: int = 20,
                         keep_jacobian: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """:meth:`inverse_with_residual` of (N, 2) points, and if asked the Jacobians (N, 2, 2)
         at the returned points (the last evaluation computed them)."""
@@ -273,7 +273,7 @@ class SegmentWarp:
         if self.tps is None:
             return apply_affine(self.affine, (centres[:, None, :] + corners).reshape(-1, 2))
         size = np.asarray(self.src_size, float)
-        unwarped, _, jac = self.tps._newton_inverse(centres.reshape(-1, 2) / size, 20, keep_jacobian=True)
+        unwarped, _, jac = self.tps._newton_inverse(centres.reshape(-1, 2) / size, keep_jacobian=True)
         # the spline maps unwarped + d to source + J d: a source offset e comes from J^-1 e
         offsets = np.stack([_solve2(jac, np.broadcast_to(corner / size, unwarped.shape)) for corner in corners], 1)
         return apply_affine(self.affine, ((unwarped[:, None, :] + offsets) * size).reshape(-1, 2))
