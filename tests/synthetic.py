@@ -7,8 +7,11 @@ import numpy as np
 
 from datagen.schema import PairSample
 
-COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
-"""100 real COCO images with instance polygons, beside the checkout (../shared/data/coco-mini)."""
+SAMPLE = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco"
+"""The embedded sample: 60 real COCO images (longer side 400 px) with their instance polygons,
+in COCO's layout. Tests need nothing outside the repository."""
+SAMPLE_ANNOTATIONS = SAMPLE / "annotations" / "instances_train2017.json"
+SAMPLE_IMAGES = SAMPLE / "train2017"
 
 GREY = 128
 

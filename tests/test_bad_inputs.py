@@ -14,16 +14,13 @@ import pytest
 from PIL import Image
 
 from conftest import all_output, build_args, run_cli, shard_files
-from synthetic import COCO_MINI
+from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 from datagen.manifest import read_sample_rows
-
-pytestmark = pytest.mark.skipif(not (COCO_MINI / "instances.json").is_file(),
-                                reason=f"{COCO_MINI} is not available")
 
 N_PAIRS = 30
 SHARD_SIZE = 15
 IMAGE_IDS = (9, 25, 30, 34, 36, 42, 49, 61, 64, 71, 72, 73)
-"""The first 12 coco-mini images (by id) with a segment of 3000+ pixels."""
+"""The first 12 images of the embedded sample (by id)."""
 BROKEN = {25: "truncated JPEG", 34: "file not found", 30: "too small"}
 """Images that cannot be used, and the words their rejection must contain."""
 ODD_FORMATS = {42: "grayscale JPEG", 49: "CMYK JPEG", 61: "RGBA PNG", 71: "16-bit PNG"}
@@ -36,15 +33,15 @@ BAD_ANNOTATIONS = {
 
 
 def make_damaged_coco(root: Path) -> dict:
-    """A COCO-layout copy of 12 coco-mini images with damaged images and annotations."""
-    dataset = json.loads((COCO_MINI / "instances.json").read_text())
+    """A COCO-layout copy of 12 images of the embedded sample with damaged images and annotations."""
+    dataset = json.loads(SAMPLE_ANNOTATIONS.read_text())
     images = {image["id"]: dict(image) for image in dataset["images"] if image["id"] in IMAGE_IDS}
     assert sorted(images) == sorted(IMAGE_IDS)
     annotations = [dict(a) for a in dataset["annotations"] if a["image_id"] in images]
     image_dir = root / "train2017"
     image_dir.mkdir(parents=True)
     for image_id, image in images.items():
-        source = COCO_MINI / "images" / image["file_name"]
+        source = SAMPLE_IMAGES / image["file_name"]
         target = image_dir / image["file_name"]
         stem = Path(image["file_name"]).stem
         if image_id == 25:  # truncated JPEG

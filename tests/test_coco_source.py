@@ -1,4 +1,4 @@
-"""CocoSource on coco-mini and on modified copies of its annotations."""
+"""CocoSource on the embedded sample and on modified copies of its annotations."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ from pycocotools.coco import COCO
 from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
 from datagen.sources import SOURCES, get_source
 from datagen.sources.coco import CocoSource, NotCocoError, coco_paths
-from synthetic import COCO_MINI
+from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 
-ANNOTATIONS = COCO_MINI / "instances.json"
-IMAGES = COCO_MINI / "images"
+ANNOTATIONS = SAMPLE_ANNOTATIONS
+IMAGES = SAMPLE_IMAGES
 MIN_AREA = 1024.0
 
 
@@ -78,7 +78,7 @@ def test_every_image_is_a_row_in_id_order(reference, items):
 
 def test_scan_does_not_open_images(tmp_path):
     source = CocoSource(ANNOTATIONS, tmp_path, min_area=MIN_AREA)  # no image files there
-    assert len(of_type(source.scan(), ImageRow)) == 100
+    assert len(of_type(source.scan(), ImageRow)) == 60
 
 
 # --- not COCO -------------------------------------------------------------------------------

@@ -8,26 +8,7 @@ import torch
 
 from datagen.dino import (DINO_ENV, DINO_FILE, DINO_URL, IMAGENET_MEAN, DinoWeightsError, find_dino_weights,
                           dino_pos_embed, image_batch, last_keys, load_dino, make_vit)
-
-
-def official_shapes() -> dict[str, tuple]:
-    """Keys and shapes of the official dino_deitsmall16_pretrain.pth (DINO's vision_transformer.py,
-    ViT-S/16: dim 384, 12 blocks, MLP 1536, no head), written out independently of timm."""
-    shapes = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
-              "patch_embed.proj.bias": (384,)}
-    for block in range(12):
-        for name, shape in (("norm1.weight", (384,)), ("norm1.bias", (384,)), ("attn.qkv.weight", (1152, 384)),
-                            ("attn.qkv.bias", (1152,)), ("attn.proj.weight", (384, 384)), ("attn.proj.bias", (384,)),
-                            ("norm2.weight", (384,)), ("norm2.bias", (384,)), ("mlp.fc1.weight", (1536, 384)),
-                            ("mlp.fc1.bias", (1536,)), ("mlp.fc2.weight", (384, 1536)), ("mlp.fc2.bias", (384,))):
-            shapes[f"blocks.{block}.{name}"] = shape
-    shapes.update({"norm.weight": (384,), "norm.bias": (384,)})
-    return shapes
-
-
-def official_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in official_shapes().items()}
+from official_weights import official_shapes, official_state
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +26,13 @@ def assert_loaded(model, state: dict) -> None:
         assert torch.equal(loaded[key].cpu(), value), key
 
 
+@pytest.mark.slow
 def test_official_key_names_load_into_the_timm_vit(official_file):
     path, state = official_file
     assert_loaded(load_dino(path), state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["teacher_student", "module_prefix", "timm_with_classifier"])
 def test_wrapped_checkpoints_load(tmp_path, wrap):
     state = official_state(seed=1)

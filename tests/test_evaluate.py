@@ -128,6 +128,7 @@ def checkpoint(reference, tmp_path_factory) -> Path:
     return trainer.checkpoint_path
 
 
+@pytest.mark.slow
 def test_eval_prints_and_writes_all_four_metrics(reference, checkpoint, tmp_path):
     out = tmp_path / "metrics.json"
     result = make_runner().invoke(main, ["eval", "--shards", str(reference), "--ckpt", str(checkpoint),
@@ -146,7 +147,7 @@ def test_eval_prints_and_writes_all_four_metrics(reference, checkpoint, tmp_path
 
 def test_metrics_do_not_depend_on_the_batch_size(reference, checkpoint):
     """Negatives cross batch boundaries (sample i's source with sample i+1's target, cyclically)."""
-    config, backbone, model, _ = load_for_inference(checkpoint, "cpu")
+    config, backbone, model, *_ = load_for_inference(checkpoint, "cpu")
     one = evaluate_model(config, backbone, model, reference, max_samples=5, batch=1, progress=False)
     many = evaluate_model(config, backbone, model, reference, max_samples=5, batch=8, progress=False)
     assert one["negatives"] == many["negatives"] == 5

@@ -1,4 +1,4 @@
-"""datagen.imageio on real COCO images and corrupted copies of them."""
+"""datagen.imageio on a real COCO image (from the embedded sample) and corrupted copies of them."""
 from __future__ import annotations
 
 import io
@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from datagen.imageio import BadInput, check_jpeg_complete, load_rgb
-from synthetic import COCO_MINI
+from synthetic import SAMPLE_IMAGES
 
-JPEG = COCO_MINI / "images" / "000000000009.jpg"  # 640 x 480
+JPEG = SAMPLE_IMAGES / "000000000009.jpg"  # 400 x 300
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def jpeg(tmp_path) -> Path:
 
 @pytest.fixture
 def rgb() -> np.ndarray:
-    """The test image as (480, 640, 3) uint8 RGB, decoded by Pillow."""
+    """The test image as (300, 400, 3) uint8 RGB, decoded by Pillow."""
     return np.asarray(Image.open(JPEG).convert("RGB"))
 
 
@@ -43,7 +43,7 @@ def reason_of(path, **options) -> str:
 
 def test_jpeg_loads_as_rgb(jpeg, rgb):
     image = load_rgb(jpeg)
-    assert image.shape == (480, 640, 3) and image.dtype == np.uint8
+    assert image.shape == (300, 400, 3) and image.dtype == np.uint8
     # Same pixels as Pillow's decoder, in RGB (not BGR) order.
     assert np.abs(image.astype(int) - rgb).mean() < 2
 
@@ -83,7 +83,7 @@ def test_truncated_jpeg_padded_with_zeros(jpeg):
 
 def test_complete_jpeg_with_trailing_padding_loads(jpeg):
     jpeg.write_bytes(jpeg.read_bytes() + b"\x00\x00\r\n")
-    assert load_rgb(jpeg).shape == (480, 640, 3)
+    assert load_rgb(jpeg).shape == (300, 400, 3)
 
 
 def test_check_jpeg_complete():
@@ -104,14 +104,14 @@ def test_truncated_png(tmp_path, rgb):
 def test_grayscale_becomes_rgb(tmp_path, rgb):
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     image = load_rgb(write_png(tmp_path / "gray.png", gray))
-    assert image.shape == (480, 640, 3)
+    assert image.shape == (300, 400, 3)
     for channel in range(3):
         np.testing.assert_array_equal(image[:, :, channel], gray)
 
 
 def test_rgba_drops_alpha(tmp_path, rgb):
     alpha = np.zeros(rgb.shape[:2], np.uint8)
-    alpha[:, 320:] = 255
+    alpha[:, 200:] = 255
     bgra = np.dstack([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), alpha])
     image = load_rgb(write_png(tmp_path / "rgba.png", bgra))
     # Colour is kept as stored, even where alpha is 0 (no compositing over black or white).
@@ -159,14 +159,14 @@ def test_tiny_image(tmp_path, rgb):
 
 
 def test_huge_image(jpeg):
-    reason = reason_of(jpeg, max_pixels=640 * 480 - 1)
-    assert "640x480" in reason and "too large" in reason
-    assert load_rgb(jpeg, max_pixels=640 * 480).shape == (480, 640, 3)
+    reason = reason_of(jpeg, max_pixels=400 * 300 - 1)
+    assert "400x300" in reason and "too large" in reason
+    assert load_rgb(jpeg, max_pixels=400 * 300).shape == (300, 400, 3)
 
 
 def test_expected_size(jpeg):
-    assert load_rgb(jpeg, expected_size=(640, 480)).shape == (480, 640, 3)
-    assert reason_of(jpeg, expected_size=(480, 640)) == "image is 640x480, annotation says 480x640"
+    assert load_rgb(jpeg, expected_size=(400, 300)).shape == (300, 400, 3)
+    assert reason_of(jpeg, expected_size=(300, 400)) == "image is 400x300, annotation says 300x400"
 
 
 def test_jpeg_decodes_straight_to_the_rgb_of_opencvs_bgr_decode(jpeg):
@@ -182,6 +182,6 @@ def test_grayscale_jpeg_becomes_rgb(tmp_path, rgb):
     decoded_gray = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert decoded_gray.ndim == 2
     image = load_rgb(path)
-    assert image.shape == (480, 640, 3)
+    assert image.shape == (300, 400, 3)
     for channel in range(3):
         np.testing.assert_array_equal(image[:, :, channel], decoded_gray)

@@ -214,6 +214,7 @@ def _shifted_pair(h, w):
     return src_mask, tgt_mask, src_to_tgt, tgt_to_src
 
 
+@pytest.mark.slow
 def test_a_tiny_batch_can_be_overfitted():
     torch.manual_seed(0)
     model = CrossImageTransformer(TransformerConfig(d_model=32, feedforward=64, dropout=0.0, feat_dropout=0.0))

@@ -201,6 +201,7 @@ def test_resized_mask_is_its_bilinear_interpolation_thresholded_at_one_half(shap
     assert np.all(np.abs(bilinear[differ] - 0.5) < 0.002)  # fixed-point rounding at the threshold only
 
 
+@pytest.mark.slow
 def test_every_rejection_is_decided_before_the_images_are_decoded(bank, tmp_path):
     """A builder without images rejects the same attempts for the same reasons (it only fails to
     load, as bad_image, the attempts that would be accepted): no decoding is spent on them."""

@@ -11,14 +11,14 @@ from pycocotools import mask as mask_utils
 
 from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
 from datagen.sources.coco import CocoSource
-from synthetic import COCO_MINI
+from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 
 BANK_FILES = ("segments.parquet", "images.parquet", "skipped.parquet", "bank.json")
 
 
 @pytest.fixture(scope="module")
 def items() -> list:
-    return list(CocoSource(COCO_MINI / "instances.json", COCO_MINI / "images").scan())
+    return list(CocoSource(SAMPLE_ANNOTATIONS, SAMPLE_IMAGES).scan())
 
 
 @pytest.fixture(scope="module")

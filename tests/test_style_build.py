@@ -46,6 +46,7 @@ def test_stylised_pairs_keep_their_masks_and_correspondences(reference, color_bu
         assert b.meta["style"]["method"] == "color" and 0 <= alpha < 1
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_stylised_bytes(color_build, style_dir, tmp_path):
     again = tmp_path / "again"
     run_cli(build_args(again, extra=("--style", "color", "--style-dir", style_dir)))

@@ -92,6 +92,7 @@ def style_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["color", "adain"])
 def test_workers_sharing_a_style_server_write_the_same_bytes(method, style_dir, tmp_path):
     """Two workers stylising through the main process's server (AdaIN: torch on the server's

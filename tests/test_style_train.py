@@ -146,6 +146,7 @@ def test_a_folder_without_a_readable_image_is_an_error_naming_it(tmp_path):
 
 # -- training ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss_and_save_a_loadable_decoder(folders, tmp_path):
     out = tmp_path / "run" / "decoder.pth"
     messages = []
@@ -169,6 +170,7 @@ def test_a_few_steps_lower_the_loss_and_save_a_loadable_decoder(folders, tmp_pat
     assert again[0] < losses[0]
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_losses_whatever_the_workers(folders, tmp_path):
     runs = [train_decoder(folders["content"], folders["styles"], folders["vgg"],
                           tmp_path / f"w{workers}.pth", steps=2, seed=4, workers=workers, **TINY)
@@ -176,6 +178,7 @@ def test_the_same_seed_gives_the_same_losses_whatever_the_workers(folders, tmp_p
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(folders, tmp_path):
     # 2 steps, "interrupted", then resumed to 4: same decoder, to the bit, and same losses as 4
     # steps in one go (the Adam moments, the step of the learning rate and the draws carry on)
@@ -196,6 +199,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(folders, tmp_path):
     assert restart != whole[2:]
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_would_not_continue_the_run(folders, tmp_path):
     out = tmp_path / "decoder.pth"
     train_decoder(folders["content"], folders["styles"], folders["vgg"], out, steps=2, seed=0, workers=0, **TINY)
@@ -228,6 +232,7 @@ def test_style_train_help_lists_every_option():
     assert "style" in run_cli(["--help"]).output
 
 
+@pytest.mark.slow
 def test_cli_trains_and_refuses_to_overwrite(folders, tmp_path):
     out = tmp_path / "decoder.pth"
     args = ["style", "train", "--styles", folders["styles"], "--content", folders["content"],

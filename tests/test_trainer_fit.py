@@ -47,6 +47,7 @@ def test_learning_rate_warms_up_then_drops_at_the_milestone():
     assert lr_factor(100_000, config) == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 def test_a_few_dozen_steps_lower_the_loss(reference, tmp_path):
     trainer = make_trainer(reference, tmp_path, image_every=15)
     batch = fixed_batch(reference)
@@ -60,6 +61,7 @@ def test_a_few_dozen_steps_lower_the_loss(reference, tmp_path):
     assert events and b"train/prediction" in events[0].read_bytes()  # the picture was logged
 
 
+@pytest.mark.slow
 def test_one_batch_can_be_overfitted(reference, tmp_path):
     """Without dropout, repeating one batch drives its loss and correspondence error down."""
     config = TrainConfig(**{**SMALL.__dict__, "lr": 3e-3, "transformer": TransformerConfig(
@@ -73,6 +75,7 @@ def test_one_batch_can_be_overfitted(reference, tmp_path):
     assert last["corr_l1"] < 0.5 * first["corr_l1"]
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_same_step_with_the_same_optimiser_state(reference, tmp_path):
     config = TrainConfig(**{**SMALL.__dict__, "steps": 4})
     trainer = make_trainer(reference, tmp_path, config=config)
