@@ -106,7 +106,7 @@ def main():
     """
 
 
-@main.command()
+@main.command(short_help="Build N pairs into shards with a manifest; resumes and extends.")
 @segments_option
 @coco_root_option
 @coco_split_option
@@ -215,18 +215,23 @@ class _DefaultCommandGroup(click.Group):
         self.default_command = default_command
 
     def parse_args(self, ctx, args):
-        if not args or args[0] not in self.commands:
+        help_only = bool(args) and all(arg in ctx.help_option_names for arg in args)
+        if not help_only and (not args or args[0] not in self.commands):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
 
-@main.group(cls=_DefaultCommandGroup, default_command="scan")
+@main.group(cls=_DefaultCommandGroup, default_command="scan",
+            short_help="Scan a segment source into a parquet bank, or score a bank against masks.")
 def segments():
     """Scan a segment source into a bank (the default: datagen segments [scan] --source ... --out BANK),
-    or score a bank against ground-truth masks (datagen segments eval --pred BANK --gt DIR)."""
+    or score a bank against ground-truth masks (datagen segments eval --pred BANK --gt DIR).
+
+    `datagen segments scan --help` and `datagen segments eval --help` list their options.
+    """
 
 
-@segments.command("scan")
+@segments.command("scan", short_help="Scan a segment source into a parquet segment bank (the default).")
 @click.option("--source", "segments", type=click.Choice(sorted(SOURCES)), default="coco", show_default=True,
               help="Segment source: 'coco' (COCO instance annotations) or 'lost' (one object per image of "
                    "--images, found without labels).")
@@ -267,7 +272,7 @@ def segments_scan(segments, coco_root, coco_split, images, dino_weights, max_siz
                    f"(refinement IoU < 0.5)")
 
 
-@segments.command("eval")
+@segments.command("eval", short_help="Max F-beta, IoU and pixel accuracy of a bank against ground-truth masks.")
 @click.option("--pred", "bank_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Segment bank to score (e.g. of `datagen segments --source lost --images DATASET/images "
                    "--min-area 0`).")
@@ -299,48 +304,64 @@ def segments_eval(bank_dir, gt_dir, json_path):
     click.echo(report.table())
 
 
-@main.command()
-@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--quiet", is_flag=True, help="Print only problems and the summary line.")
-def verify(shard_dir, quiet):
-    """Check a shard set against its manifest: checksums, counts, every sample decoded, the
-    schema, and that masks and correspondences agree with the stored warps. Exit 1 on problems."""
+@main.command(short_help="Check a shard set: checksums, counts, samples, warps; prints its fingerprint.")
+@click.argument("shards")
+@click.option("--quiet", is_flag=True, help="Print only problems and the summary lines.")
+def verify(shards, quiet):
+    """Check a shard set against its manifest: sizes, checksums, counts, every sample decoded, the
+    schema, and that masks and correspondences agree with the stored warps. Prints the set's
+    fingerprint, recomputed from the bytes on disk, for comparing sets between teams. Exit 1 on
+    problems.
+
+    SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
+    quoted) or one .tar file. Shards named by a pattern or one by one are checked against the
+    entries of their folder's manifest.
+    """
     from .verify import verify_dir
 
-    report = verify_dir(shard_dir, progress=not quiet)
+    report = verify_dir(shards, progress=not quiet)
+    for note in report.notes:
+        _say(f"note: {note}")
     for problem in report.problems:
         click.echo(f"BAD {problem}")
     click.echo(f"{report.samples} samples in {report.shards} shards checked: "
                f"{len(report.problems)} problem(s)")
+    if report.fingerprint:
+        click.echo(f"fingerprint {report.fingerprint}")
     sys.exit(1 if report.problems else 0)
 
 
-@main.command()
-@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@main.command(short_help="Draw pairs with masks and correspondence lines (HTML page or contact sheet).")
+@click.argument("shards")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.html"),
-              show_default=True, help="Output file: .html (one page) or .png/.jpg (one contact sheet).")
+              show_default=True, help="Output file: .html (one page, JPEG thumbnails) or .png/.jpg (one contact "
+                                      "sheet).")
 @click.option("-n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Pairs to show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the choice of correspondence lines.")
-def preview(shard_dir, out_path, n, seed):
-    """Draw pairs with their masks and correspondence lines, so a person can check the data."""
-    from .preview import write_preview
+@click.option("--fill/--outline", default=False, show_default=True,
+              help="Masks drawn as a half-opaque fill, or as outlines only (the pasted object stays visible).")
+def preview(shards, out_path, n, seed, fill):
+    """Draw pairs with their masks and correspondence lines, so a person can check the data.
 
-    shards = sorted(shard_dir.glob("shard-*.tar"))
-    if not shards:
-        _fail(FileNotFoundError(f"no shard-*.tar in {shard_dir}"))
+    SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
+    quoted) or one .tar file.
+    """
+    from .preview import write_preview
+    from .shardset import resolve_shard_set
+
     try:
-        count = write_preview(shards, out_path, n=n, seed=seed)
-    except ValueError as error:
+        count = write_preview(resolve_shard_set(shards).tars, out_path, n=n, seed=seed, fill=fill)
+    except (ValueError, OSError) as error:
         _fail(error)
     click.echo(f"{count} pairs drawn to {out_path}")
 
 
-@main.group("style")
+@main.group("style", short_help="AdaIN tools: train a decoder on your own style collection.")
 def style_group():
     """AdaIN style transfer tools (the decoder used by build --style adain)."""
 
 
-@style_group.command("train")
+@style_group.command("train", short_help="Train an AdaIN decoder (content + 10 x style loss).")
 @click.option("--styles", "style_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder of style images (e.g. the Brueghel paintings); images directly inside it.")
 @click.option("--content", "content_dir", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -24,6 +24,8 @@ PAIR_WIDTH = 480
 SHEET_MARGIN = 8
 MASK_ALPHA = 0.45
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+HTML_JPEG_QUALITY = 85
+"""Quality of the pictures inlined in an HTML preview (PNGs took about 1 MB a pair)."""
 HTML_EXTENSIONS = (".html", ".htm")
 
 # Mask colours for object ids 1, 2, ... (RGB); ids beyond the list wrap around.
@@ -41,15 +43,19 @@ def _line_colours(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(c) for c in colour) for colour in rgb]
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = MASK_ALPHA) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image with each object id of the (H, W) uint8 mask tinted and outlined."""
+def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = MASK_ALPHA, fill: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image with each object id of the (H, W) uint8 mask outlined and, with
+    ``fill``, tinted (``alpha`` of the object's colour). Outlines alone leave the object's pixels
+    as they are, so a person can judge the paste; they are drawn thicker to stay visible."""
     out = image.copy()
+    thickness = 1 if fill else max(2, round(image.shape[0] / 240))
     for object_id in [int(i) for i in np.unique(mask) if i > 0]:
         colour = np.array(MASK_COLOURS[(object_id - 1) % len(MASK_COLOURS)], np.float32)
         inside = mask == object_id
-        out[inside] = np.clip((1 - alpha) * out[inside] + alpha * colour, 0, 255).astype(np.uint8)
+        if fill:
+            out[inside] = np.clip((1 - alpha) * out[inside] + alpha * colour, 0, 255).astype(np.uint8)
         contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1, cv2.LINE_AA)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thickness, cv2.LINE_AA)
     return out
 
 
@@ -106,17 +112,17 @@ def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def render_pair(sample: PairSample, n_lines: int = 24, seed: int = 0) -> np.ndarray:
+def render_pair(sample: PairSample, n_lines: int = 24, seed: int = 0, fill: bool = False) -> np.ndarray:
     """(H, W_src + GAP + W_tgt, 3) uint8 RGB: source | target with masks and correspondence lines.
 
-    H is the taller image's height (the other is padded at the bottom). Each object id gets a
-    tinted overlay and outline; ``n_lines`` lines in distinct colours join source cells to where
-    ``src_to_tgt`` sends them, with small circles at both ends; key and categories are written
+    H is the taller image's height (the other is padded at the bottom). Each object id gets an
+    outline and, with ``fill``, a tinted overlay; ``n_lines`` lines in distinct colours join
+    source cells to where ``src_to_tgt`` sends them, with small circles at both ends; key and categories are written
     at the bottom-left. A stylised pair gets a second row below, GAP pixels apart: the
     stylised source | stylised target, as stored.
     """
-    src = overlay_mask(sample.src_image, sample.src_mask)
-    tgt = overlay_mask(sample.tgt_image, sample.tgt_mask)
+    src = overlay_mask(sample.src_image, sample.src_mask, fill=fill)
+    tgt = overlay_mask(sample.tgt_image, sample.tgt_mask, fill=fill)
     canvas = _side_by_side(src, tgt)
     offset = src.shape[1] + GAP
     radius = max(2, round(canvas.shape[0] / 160))
@@ -145,7 +151,7 @@ def _fit_width(image: np.ndarray, width: int) -> np.ndarray:
 
 
 def render_contact_sheet(samples: list[PairSample], columns: int = 2, n_lines: int = 24,
-                         seed: int = 0, pair_width: int = PAIR_WIDTH) -> np.ndarray:
+                         seed: int = 0, pair_width: int = PAIR_WIDTH, fill: bool = False) -> np.ndarray:
     """(H, W, 3) uint8 RGB grid of rendered pairs, each scaled to ``pair_width`` pixels wide.
 
     Pair ``i`` is drawn with ``seed + i``. Raises ValueError for no samples or columns < 1.
@@ -154,7 +160,7 @@ def render_contact_sheet(samples: list[PairSample], columns: int = 2, n_lines: i
         raise ValueError("render_contact_sheet: no samples to render")
     if columns < 1:
         raise ValueError(f"render_contact_sheet: columns must be >= 1, got {columns}")
-    tiles = [_fit_width(render_pair(s, n_lines, seed + i), pair_width) for i, s in enumerate(samples)]
+    tiles = [_fit_width(render_pair(s, n_lines, seed + i, fill), pair_width) for i, s in enumerate(samples)]
     columns = min(columns, len(tiles))
     rows = [tiles[r: r + columns] for r in range(0, len(tiles), columns)]
     row_heights = [max(t.shape[0] for t in row) for row in rows]
@@ -171,8 +177,8 @@ def render_contact_sheet(samples: list[PairSample], columns: int = 2, n_lines: i
     return sheet
 
 
-def _encode_rgb(image: np.ndarray, extension: str) -> bytes:
-    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if extension in (".jpg", ".jpeg") else []
+def _encode_rgb(image: np.ndarray, extension: str, quality: int = 90) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if extension in (".jpg", ".jpeg") else []
     ok, buf = cv2.imencode(extension, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise ValueError(f"encoding the preview as {extension} failed")
@@ -197,12 +203,12 @@ def _image_id(meta: dict, role: str):
     return (meta.get(role) or {}).get("id", "?")
 
 
-def _html_page(samples: list[PairSample], seed: int) -> str:
+def _html_page(samples: list[PairSample], seed: int, fill: bool) -> str:
     figures = []
     for i, sample in enumerate(samples):
-        pair = render_pair(sample, seed=seed + i)
+        pair = render_pair(sample, seed=seed + i, fill=fill)
         pair = _fit_width(pair, min(pair.shape[1], 2 * PAIR_WIDTH))
-        png = base64.b64encode(_encode_rgb(pair, ".png")).decode("ascii")
+        jpeg = base64.b64encode(_encode_rgb(pair, ".jpg", HTML_JPEG_QUALITY)).decode("ascii")
         meta = sample.meta
         objects = [o for o in meta.get("objects", []) if isinstance(o, dict)]
         categories = ", ".join(str(o.get("category", "?")) for o in objects) or "?"
@@ -212,7 +218,7 @@ def _html_page(samples: list[PairSample], seed: int) -> str:
                    f"background image "
                    f"{html.escape(str(_image_id(meta, 'background_image')))} &middot; "
                    f"categories: {html.escape(categories)} &middot; objects: {html.escape(str(n_objects))}")
-        figures.append(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(sample.key)}">'
+        figures.append(f'<figure><img src="data:image/jpeg;base64,{jpeg}" alt="{html.escape(sample.key)}">'
                        f"<figcaption>{caption}</figcaption></figure>")
     style = ("body{font-family:sans-serif;background:#f4f4f4;margin:16px}"
              "figure{display:inline-block;margin:8px;background:#fff;padding:8px;vertical-align:top}"
@@ -222,12 +228,13 @@ def _html_page(samples: list[PairSample], seed: int) -> str:
             + "\n".join(figures) + "\n</body></html>\n")
 
 
-def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0) -> int:
+def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0, fill: bool = False) -> int:
     """Render the first ``n`` samples of ``shard_paths`` to ``out_path``; returns the pairs rendered.
 
     ``.png``/``.jpg``/``.jpeg``: one contact sheet image; ``.html``/``.htm``: a self-contained page,
-    one base64 PNG per pair with its key, image ids, categories and object count. Raises
-    ValueError for another extension or when the shards hold no sample.
+    one inline JPEG per pair (at most 960 px wide, quality 85: about 100-250 KB a pair) with its
+    key, image ids, categories and object count. ``fill``: masks tinted as well as outlined.
+    Raises ValueError for another extension or when the shards hold no sample.
     """
     out_path = Path(out_path)
     extension = out_path.suffix.lower()
@@ -239,9 +246,9 @@ def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0) -> int:
     if not samples:
         raise ValueError(f"preview {out_path}: no samples in {[str(p) for p in shard_paths]}")
     if extension in HTML_EXTENSIONS:
-        data = _html_page(samples, seed).encode("utf-8")
+        data = _html_page(samples, seed, fill).encode("utf-8")
     else:
-        data = _encode_rgb(render_contact_sheet(samples, seed=seed), extension)
+        data = _encode_rgb(render_contact_sheet(samples, seed=seed, fill=fill), extension)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(data)
     return len(samples)

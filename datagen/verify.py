@@ -1,10 +1,11 @@
 """``datagen verify``: check a shard set against its manifest and its own warps.
 
-For each shard of the manifest: the file exists, its size and sha256 match, it reads as a tar,
-it holds the recorded number of samples with unique keys, every sample decodes under the
-schema, and its stored correspondence fields and grid masks agree with those recomputed from
-the sample's JSON warps and source mask. Each problem names the shard and, where known, the
-sample.
+The set is named in any form of :mod:`datagen.shardset`. For each shard: the file exists, its
+size and sha256 match its manifest entry, it reads as a tar, it holds the recorded number of
+samples with unique keys, every sample decodes under the schema, and its stored correspondence
+fields and grid masks agree with those recomputed from the sample's JSON warps and source mask.
+For a manifest's whole set, the fingerprint is recomputed from what was measured on disk. Each
+problem names the shard and, where known, the sample.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import fingerprint, load_manifest
+from .manifest import MANIFEST_NAME, fingerprint
 from .pairs import recompute_grids
 from .schema import SchemaError, decode_sample
 from .shards import ShardError, iter_tar_samples, sha256_file
+from .shardset import resolve_shard_set
 
 FLOW_TOLERANCE = 2e-3
 """Largest allowed |stored - recomputed| of normalised coordinates inside the mask (float16 rounding
@@ -32,6 +34,11 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     problems: list = field(default_factory=list)
+    fingerprint: str | None = None
+    """The set's fingerprint recomputed from the bytes on disk (sha256 and sample count of every
+    shard), when the set is a manifest's whole set; None otherwise."""
+    notes: list = field(default_factory=list)
+    """What could not be checked (no manifest, part of a set), for the user to read."""
 
 
 def check_sample_grids(sample) -> list[str]:
@@ -56,38 +63,64 @@ def check_sample_grids(sample) -> list[str]:
     return problems
 
 
-def verify_dir(shard_dir, progress: bool = True) -> VerifyReport:
-    """Verify every shard listed in ``shard_dir/manifest.json``; never raises for bad data."""
-    shard_dir = Path(shard_dir)
+def verify_dir(shards, progress: bool = True) -> VerifyReport:
+    """Verify a shard set (any form of :func:`datagen.shardset.resolve_shard_set`); never raises
+    for bad data. Each shard is checked against its manifest entry when its manifest lists it; for
+    a manifest's whole set, the fingerprint is recomputed from the checksums and sample counts
+    measured on disk and compared with the manifest's."""
     report = VerifyReport()
     try:
-        manifest = load_manifest(shard_dir)
+        found = resolve_shard_set(shards)
     except (ValueError, OSError) as error:
         report.problems.append(str(error))
         return report
-    total = sum(int(s["samples"]) for s in manifest["shards"])
+    if found.manifest is None:
+        report.notes.append(f"{found.spec}: no {MANIFEST_NAME} beside the shards: sizes, checksums and "
+                            "counts not checked, only the samples themselves")
+    elif not found.whole:
+        report.notes.append(f"{found.spec}: {len(found.tars)} shard(s) of the set in {found.manifest_path} "
+                            "checked against its entries; the set's fingerprint needs the whole set")
+    entries = [found.entry(tar) for tar in found.tars]
+    total = sum(int(e["samples"]) for e in entries) if None not in entries else None
+    measured = []
     with tqdm(total=total, unit="sample", desc="verify", disable=not progress, file=sys.stderr) as bar:
-        for entry in manifest["shards"]:
+        for tar, entry in zip(found.tars, entries):
             report.shards += 1
-            report.problems += verify_shard(shard_dir / entry["name"], entry, report, bar.update)
-    if report.samples != manifest.get("n_samples", report.samples):
-        report.problems.append(f"manifest says {manifest['n_samples']} samples, found {report.samples}")
-    if fingerprint(manifest["config_hash"], manifest["shards"]) != manifest["fingerprint"]:
-        report.problems.append("manifest.json: its fingerprint does not match its shard list")
+            problems, digest, samples = verify_shard(tar, entry, report, bar.update)
+            report.problems += problems
+            measured.append({"name": tar.name, "sha256": digest, "samples": samples})
+    if found.manifest is not None and found.manifest_path is not None:
+        for tar, entry in zip(found.tars, entries):
+            if entry is None:
+                report.problems.append(f"{tar.name}: not listed in {found.manifest_path}")
+    if found.whole:
+        manifest = found.manifest
+        if report.samples != manifest.get("n_samples", report.samples):
+            report.problems.append(f"manifest says {manifest['n_samples']} samples, found {report.samples}")
+        if fingerprint(manifest["config_hash"], manifest["shards"]) != manifest["fingerprint"]:
+            report.problems.append(f"{found.manifest_path}: its fingerprint does not match its shard list")
+        on_disk = fingerprint(manifest["config_hash"], measured)
+        if on_disk != manifest["fingerprint"]:
+            report.problems.append(f"the shards on disk have fingerprint {on_disk[:12]}, the manifest says "
+                                   f"{manifest['fingerprint'][:12]}")
+        else:
+            report.fingerprint = on_disk
     return report
 
 
-def verify_shard(path: Path, entry: dict, report: VerifyReport, advance=lambda n: None) -> list[str]:
-    """Problems of one shard ``path`` against its manifest ``entry`` (name, bytes, sha256, samples)."""
-    name = entry["name"]
+def verify_shard(path: Path, entry: dict | None, report: VerifyReport,
+                 advance=lambda n: None) -> tuple[list[str], str | None, int]:
+    """(problems, sha256, samples) of one shard ``path``, measured on disk and checked against its
+    manifest ``entry`` (name, bytes, sha256, samples) when there is one."""
+    name = path.name
     if not path.is_file():
-        return [f"{name}: missing"]
+        return [f"{name}: missing"], None, 0
     problems = []
     size = path.stat().st_size
-    if size != entry["bytes"]:
+    if entry is not None and size != entry["bytes"]:
         problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
     digest = sha256_file(path)
-    if digest != entry["sha256"]:
+    if entry is not None and digest != entry["sha256"]:
         problems.append(f"{name}: sha256 {digest[:12]} differs from the manifest's {entry['sha256'][:12]}")
     keys = set()
     try:
@@ -106,6 +139,6 @@ def verify_shard(path: Path, entry: dict, report: VerifyReport, advance=lambda n
             problems += [f"{name}: sample {key}: {p}" for p in check_sample_grids(sample)]
     except ShardError as error:
         problems.append(f"{name}: unreadable tar: {error}")
-    if len(keys) != entry["samples"]:
+    if entry is not None and len(keys) != entry["samples"]:
         problems.append(f"{name}: {len(keys)} samples, manifest says {entry['samples']}")
-    return problems
+    return problems, digest, len(keys)

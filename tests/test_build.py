@@ -42,6 +42,7 @@ def assert_no_tmp(directory: Path) -> None:
 
 # -- reproducibility ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes_in_another_dir_even_with_two_workers(reference, tmp_path):
     out = tmp_path / "again"
     run_cli(build_args(out, workers=2))
@@ -61,6 +62,7 @@ def test_another_seed_gives_other_shards(reference, reference_seed1):
 
 # -- resume ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_after_kill_9_equals_uninterrupted_build(reference, tmp_path):
     out = tmp_path / "killed"
     args = build_args(out)
@@ -124,6 +126,7 @@ def test_resume_rebuilds_only_unfinished_shards(reference, reference_copy, damag
     assert_no_tmp(out)
 
 
+@pytest.mark.slow
 def test_larger_n_extends_to_the_same_result_as_a_direct_build(tmp_path):
     direct, extended = tmp_path / "direct", tmp_path / "extended"
     run_cli(build_args(direct, n=35, shard_size=10))
@@ -237,10 +240,42 @@ def test_sample_parquet_has_one_row_per_attempt(reference):
 
 # -- verify ------------------------------------------------------------------------------------
 
-def test_verify_passes_on_a_fresh_build(reference):
+def test_verify_passes_on_a_fresh_build_and_prints_the_fingerprint_of_the_bytes(reference):
     result = run_cli(["verify", reference, "--quiet"])
     assert f"{REFERENCE_N} samples in {REFERENCE_SHARDS} shards checked: 0 problem(s)" in result.output
     assert "BAD" not in result.output
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert f"fingerprint {manifest['fingerprint']}" in result.output
+
+
+@pytest.mark.parametrize("form", ["manifest", "pattern", "tar"])
+def test_verify_accepts_every_shard_set_form(reference, form):
+    spec = {"manifest": reference / "manifest.json", "pattern": reference / "shard-{000001..000002}.tar",
+            "tar": reference / shard_name(3)}[form]
+    result = run_cli(["verify", spec, "--quiet"])
+    shards = {"manifest": REFERENCE_SHARDS, "pattern": 2, "tar": 1}[form]
+    assert f"{shards * REFERENCE_SHARD_SIZE} samples in {shards} shards checked: 0 problem(s)" in result.output
+    assert ("\nfingerprint " in "\n" + result.stdout) == (form == "manifest")
+
+
+def test_verify_checks_a_single_tar_against_its_folders_manifest(reference_copy):
+    tar = reference_copy / shard_name(2)
+    data = bytearray(tar.read_bytes())
+    data[-2000] ^= 0x01  # in the end-of-archive padding: the tar still reads, its checksum changes
+    tar.write_bytes(bytes(data))
+    result = run_cli(["verify", tar, "--quiet"], expect=1)
+    assert f"BAD {shard_name(2)}: sha256" in result.output
+
+
+def test_verify_refuses_a_manifest_that_names_a_file_outside_its_folder(reference_copy, tmp_path):
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(b"\0" * 1024)
+    path = reference_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0]["name"] = "../outside.tar"
+    path.write_text(json.dumps(manifest))
+    result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
+    assert "'../outside.tar'" in result.output and "plain file name" in result.output
 
 
 def test_verify_catches_a_flipped_byte(reference_copy):
@@ -250,9 +285,13 @@ def test_verify_catches_a_flipped_byte(reference_copy):
     tar.write_bytes(bytes(data))
     result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
     bad = [line for line in result.output.splitlines() if line.startswith("BAD")]
-    # every line names the broken shard, but the set's total when the flip breaks a tar header
-    assert bad and all(shard_name(1) in line or line.startswith("BAD manifest says") for line in bad), result.output
+    # every line names the broken shard, but the set's totals: its sample count when the flip breaks
+    # a tar header, and its fingerprint recomputed from the bytes on disk
+    set_lines = ("BAD manifest says", "BAD the shards on disk have fingerprint")
+    assert bad and all(shard_name(1) in line or line.startswith(set_lines) for line in bad), result.output
     assert any(shard_name(1) in line and "sha256" in line for line in bad)
+    assert any(line.startswith(set_lines[1]) for line in bad)
+    assert "\nfingerprint " not in result.output
 
 
 def test_verify_catches_altered_correspondences_with_matching_checksums(reference_copy):

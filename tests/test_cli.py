@@ -31,21 +31,29 @@ COMMAND_OPTIONS = {
     "build": ["--segments", "--coco-root", "--coco-split", "--n", "--out", "--seed", "--workers", "--objects",
               "--shard-size", "--blend", "--min-area", "--overwrite", "--manifests-dir", "--no-progress"],
     "verify": ["--quiet"],
-    "preview": ["--out", "-n", "--seed"],
-    "segments": ["--source", "--coco-root", "--coco-split", "--min-area", "--out"],
+    "preview": ["--out", "-n", "--seed", "--fill"],
+    "segments scan": ["--source", "--coco-root", "--coco-split", "--min-area", "--out"],
+    "segments eval": ["--pred", "--gt", "--json"],
 }
+
+
+def command_of(name: str) -> click.Command:
+    command = main
+    for word in name.split():
+        command = command.commands[word]
+    return command
 
 
 @pytest.mark.parametrize("command", sorted(COMMAND_OPTIONS))
 def test_help_documents_every_option(command):
-    result = run_cli([command, "--help"])
+    result = run_cli([*command.split(), "--help"])
     text = result.output
     assert text.startswith("Usage:") and f" {command} " in text.splitlines()[0]
     help_lines = {line.strip().split()[0].rstrip(","): line for line in text.splitlines()
                   if line.strip().startswith("-")}
     for option in COMMAND_OPTIONS[command]:
         assert option in help_lines, f"{option} not in `datagen {command} --help`"
-    for param in main.commands[command].params:
+    for param in command_of(command).params:
         if isinstance(param, click.Option) and param.name != "help":
             assert param.help, f"datagen {command} {param.opts[0]} has no help text"
             assert any(opt in text for opt in param.opts), f"{param.opts} missing from the help"
@@ -58,11 +66,27 @@ def test_preview_writes_a_page_with_one_image_per_pair(reference, tmp_path):
     html = page.read_text()
     assert len(re.findall(r"<img\b", html)) == 5
     assert all(f"{key}" in html for key in ("000000_000000", "000000_000004"))
+    # JPEG thumbnails: a few hundred KB a pair at most (inline PNGs took about 1 MB)
+    assert page.stat().st_size < 5 * 300_000, page.stat().st_size
+
+
+def test_help_lists_every_command_without_cutting_its_description():
+    text = run_cli(["--help"]).output
+    commands = text.split("Commands:", 1)[1]
+    for name in main.commands:
+        assert f"  {name} " in commands
+    assert "..." not in commands, commands
+
+
+def test_segments_help_shows_the_group_and_its_subcommands():
+    text = run_cli(["segments", "--help"]).output
+    assert re.match(r"Usage: \S+ segments \[OPTIONS\] COMMAND", text), text
+    assert "scan" in text and "eval" in text
 
 
 def test_preview_of_a_directory_without_shards_fails(tmp_path):
     result = run_cli(["preview", tmp_path, "--out", tmp_path / "x.html"], expect=1)
-    assert "no shard-*.tar" in all_output(result)
+    assert "shard-*.tar" in all_output(result) and str(tmp_path) in all_output(result)
     assert not (tmp_path / "x.html").exists()
 
 

@@ -52,25 +52,40 @@ def test_only_masked_cells_are_used():
     render_pair(sample)  # nothing to draw is fine
 
 
-def test_mask_overlay_only_inside_mask():
+def test_mask_fill_only_inside_mask():
     sample = make_sample("k")
-    out = overlay_mask(sample.src_image, sample.src_mask)
+    out = overlay_mask(sample.src_image, sample.src_mask, fill=True)
     inside = sample.src_mask > 0
     ring = cv2.dilate(sample.src_mask, np.ones((5, 5), np.uint8)) > 0
     assert (out[inside] != GREY).any(axis=-1).all()
     assert (out[~ring] == GREY).all()
     # and in the rendered pair (no lines), away from the label at the bottom
-    pair = render_pair(sample, n_lines=0)
+    pair = render_pair(sample, n_lines=0, fill=True)
     src = pair[:, :64]
     assert (src[:40][~ring[:40]] == GREY).all()
     assert (src[20:44, 20:44] != GREY).any(axis=-1).all()
 
 
+def test_outlines_leave_the_object_visible():
+    """The default draws outlines only: the object's own pixels, inside the outline, are untouched,
+    so a person can judge the paste."""
+    sample = make_sample("k")
+    out = overlay_mask(sample.src_image, sample.src_mask)
+    interior = cv2.erode(sample.src_mask, np.ones((7, 7), np.uint8)) > 0
+    boundary = (cv2.dilate(sample.src_mask, np.ones((3, 3), np.uint8)) > 0) & ~(
+        cv2.erode(sample.src_mask, np.ones((3, 3), np.uint8)) > 0)
+    assert interior.any() and np.array_equal(out[interior], sample.src_image[interior])
+    assert (out[boundary] != GREY).any(axis=-1).mean() > 0.9
+    ring = cv2.dilate(sample.src_mask, np.ones((7, 7), np.uint8)) > 0
+    assert (out[~ring] == GREY).all()
+
+
 def test_two_objects_get_different_colours():
     sample = make_sample("k")
     sample.src_mask[16:48, 32:48] = 2
-    out = overlay_mask(sample.src_image, sample.src_mask)
-    assert not np.array_equal(out[30, 20], out[30, 40])
+    for fill in (True, False):
+        out = overlay_mask(sample.src_image, sample.src_mask, fill=fill)
+        assert not np.array_equal(out[16, 20], out[16, 40])
 
 
 def test_contact_sheet():
@@ -108,7 +123,7 @@ def test_write_preview_html(tmp_path):
     out = tmp_path / "preview.html"
     assert write_preview(paths, out, n=3) == 3
     page = out.read_text()
-    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    images = re.findall(r'<img src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == page.count("<img") == 3
     for key in (sample_key(0, 0), sample_key(0, 1), sample_key(1, 0)):
         assert key in page

@@ -11,55 +11,31 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 
-from datagen.manifest import load_manifest
 from datagen.pairs import recompute_grids, resize_image
 from datagen.schema import PairSample, SchemaError, decode_sample
+from datagen.shardset import resolve_shard_set
 
 from .config import TrainConfig
 
 
 def shard_urls(shards) -> list[str]:
-    """Shard paths from a directory (its manifest.json if present, else its shard-*.tar), a
-    manifest.json (whose schema version is checked), a brace pattern such as
-    ``shards/shard-{000000..000009}.tar``, a single .tar, or a list of those."""
-    if isinstance(shards, (list, tuple)):
-        return [url for item in shards for url in shard_urls(item)]
-    text = str(shards)
-    if "{" in text:
-        return [url for expanded in braceexpand(text) for url in shard_urls(expanded)]
-    path = Path(text)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        path = path / "manifest.json"
-    if path.name.endswith(".json"):
-        manifest = load_manifest(path)
-        return [str(path.parent / entry["name"]) for entry in manifest["shards"]]
-    if path.is_dir():
-        urls = sorted(str(p) for p in path.glob("shard-*.tar"))
-        if not urls:
-            raise FileNotFoundError(f"no shard-*.tar in {path}")
-        return urls
-    if path.suffix == ".tar" and path.is_file():
-        return [str(path)]
-    raise FileNotFoundError(f"not a shard directory, manifest, brace pattern or .tar: {text}")
+    """Shard paths of a shard set: a folder (its manifest.json's shards, else its shard-*.tar), a
+    manifest.json, a brace pattern such as ``shards/shard-{000000..000009}.tar``, a single .tar, or
+    a list of those (:func:`datagen.shardset.resolve_shard_set`)."""
+    return [str(tar) for tar in resolve_shard_set(shards).tars]
 
 
 def dataset_fingerprint(shards) -> str | None:
-    """The manifest's fingerprint when ``shards`` names a directory or manifest that has one."""
-    path = Path(str(shards)) if not isinstance(shards, (list, tuple)) else None
-    if path is None:
+    """The manifest's fingerprint when ``shards`` names a manifest's whole set (a folder or
+    manifest); None for other sets, and for no shards at all (a network built only to be saved)."""
+    if isinstance(shards, (list, tuple)) and not shards:
         return None
-    if path.is_dir():
-        path = path / "manifest.json"
-    if path.name.endswith(".json") and path.is_file():
-        return load_manifest(path)["fingerprint"]
-    return None
+    return resolve_shard_set(shards).fingerprint
 
 
 def iter_raw(urls: list[str], on_error) -> Iterator[dict]:

@@ -1,0 +1,141 @@
+"""What a shard-set argument names: one resolver for every command that reads shards.
+
+``datagen verify``, ``datagen preview``, ``trainer inspect``, ``trainer fit`` and ``trainer eval``
+all accept the same forms:
+
+- a folder: the shards its ``manifest.json`` lists, or its ``shard-*.tar`` in name order when it
+  has no manifest;
+- a manifest file in the shards' folder (``shards/coco/manifest.json``; the copies under
+  ``manifests/`` name sets, but their shards are not beside them);
+- a brace pattern, ``shards/shard-{000000..000009}.tar``: the ``.tar`` files it expands to;
+- one ``.tar`` file;
+- a list of any of these (from Python).
+
+Tars named by a pattern or one by one keep their manifest entry (size, sha256, sample count) when
+the manifest of their folder lists them, so they can still be checked against it.
+
+A manifest's shard names must be plain file names: a name with a path separator, or ``.``/``..``,
+is refused, so that a manifest never makes a command open a file outside the set's folder.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from .manifest import MANIFEST_NAME, ManifestError, load_manifest
+
+FORMS = ("a shard folder, its manifest.json, a brace pattern such as 'shards/shard-{000000..000009}.tar', "
+         "or a .tar file")
+
+
+class ShardSetError(FileNotFoundError):
+    """A shard-set argument that names no shards; the message says what was given and what is accepted."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards an argument names, in order, with what their manifest says of them.
+
+    ``manifest`` is the manifest of the shards' folder when there is one; ``entries`` maps a tar's
+    path to its manifest entry (``name``, ``bytes``, ``sha256``, ``samples``) for the tars the
+    manifest lists. ``whole`` is True when the argument names exactly the manifest's set (a folder
+    or a manifest), so that its totals and fingerprint apply.
+    """
+
+    spec: str
+    tars: tuple[Path, ...]
+    manifest: dict | None = None
+    manifest_path: Path | None = None
+    entries: dict | None = None
+    whole: bool = False
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The manifest's fingerprint when the set is the manifest's whole set (as recorded, not
+        recomputed: ``datagen verify`` recomputes it from the bytes)."""
+        return self.manifest["fingerprint"] if self.whole and self.manifest else None
+
+    def entry(self, tar: Path) -> dict | None:
+        return (self.entries or {}).get(tar)
+
+
+def _checked_names(manifest: dict, path: Path) -> list[str]:
+    names = []
+    for index, entry in enumerate(manifest["shards"]):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name \
+                or (os.altsep and os.altsep in name) or "\0" in name:
+            raise ManifestError(f"{path}: shard {index} has name {name!r}; a shard name must be a plain file "
+                                f"name in the manifest's folder")
+        names.append(name)
+    return names
+
+
+def _from_manifest(spec: str, path: Path) -> ShardSet:
+    manifest = load_manifest(path)
+    folder = path.parent
+    names = _checked_names(manifest, path)
+    tars = tuple(folder / name for name in names)
+    return ShardSet(spec, tars, manifest, path, dict(zip(tars, manifest["shards"])), whole=True)
+
+
+def _with_folder_manifest(spec: str, tars: list[Path]) -> ShardSet:
+    """Bare tars, with the entries of their folders' manifests when those list them."""
+    manifest = manifest_path = None
+    entries = {}
+    folders = {tar.parent for tar in tars}
+    for folder in folders:
+        if (folder / MANIFEST_NAME).is_file():
+            found = _from_manifest(spec, folder / MANIFEST_NAME)
+            entries.update({tar: found.entry(tar) for tar in tars if found.entry(tar) is not None})
+            if len(folders) == 1:
+                manifest, manifest_path = found.manifest, found.manifest_path
+    return ShardSet(spec, tuple(tars), manifest, manifest_path, entries or None, whole=False)
+
+
+def _tars_of(spec: str) -> list[Path] | ShardSet:
+    if "{" in spec:
+        expanded = [Path(item) for item in braceexpand(spec)]
+        bad = [str(p) for p in expanded if p.suffix != ".tar" or not p.is_file()]
+        if bad:
+            raise ShardSetError(f"{spec}: the pattern names {len(bad)} path(s) that are not .tar files, e.g. "
+                                f"{', '.join(bad[:3])}")
+        return expanded
+    path = Path(spec)
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return _from_manifest(spec, path / MANIFEST_NAME)
+        tars = sorted(path.glob("shard-*.tar"))
+        if not tars:
+            raise ShardSetError(f"{spec}: a folder with neither {MANIFEST_NAME} nor shard-*.tar files "
+                                f"(a shard set is {FORMS})")
+        return tars
+    if path.suffix == ".json" and path.is_file():
+        return _from_manifest(spec, path)
+    if path.suffix == ".tar" and path.is_file():
+        return [path]
+    what = "does not exist" if not path.exists() else "is not a shard set"
+    raise ShardSetError(f"{spec}: {what} (a shard set is {FORMS})")
+
+
+def resolve_shard_set(spec) -> ShardSet:
+    """The :class:`ShardSet` that ``spec`` names (see the module docstring for the forms).
+
+    Raises :class:`ShardSetError` (a FileNotFoundError) when ``spec`` names no shards, and
+    :class:`~datagen.manifest.ManifestError` (a ValueError) for an unreadable or unsafe manifest.
+    """
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ShardSetError(f"an empty list names no shards (a shard set is {FORMS})")
+        if len(spec) == 1:
+            return resolve_shard_set(spec[0])
+        tars = [tar for item in spec for tar in resolve_shard_set(item).tars]
+        return _with_folder_manifest(", ".join(str(item) for item in spec), tars)
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
+    if not spec:
+        raise ShardSetError(f"no shard set given (a shard set is {FORMS})")
+    found = _tars_of(spec)
+    return found if isinstance(found, ShardSet) else _with_folder_manifest(spec, found)
