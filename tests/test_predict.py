@@ -55,6 +55,9 @@ def test_predict_writes_pictures_and_result(checkpoint, tmp_path):
     assert record["images"] == [str(IMAGE_A), str(IMAGE_B)]
     assert all(0 <= m <= 1 for m in record["mask_mean"]) and len(record["mask_mean"]) == 2
     assert f"{record['score']:.4f}" in result.output
+    assert record["nothing_passes"] == (max(record["mask_max"]) <= 0.5)
+    assert ("no cell of either predicted mask passes 0.5" in result.stderr) == record["nothing_passes"]
+    assert record["backbone"]["source"] == "random" and "not pre-trained" in result.stderr
 
 
 def test_a_missing_image_is_an_error_naming_it(checkpoint, tmp_path):

@@ -12,6 +12,21 @@ DEFAULTS = TrainConfig()
 TDEFAULTS = TransformerConfig()
 NDEFAULTS = NCNetConfig()
 ARCHITECTURES = ("transformer", "ncnet")
+PRESETS = {
+    "paper": {},
+    "cpu": {"steps": 500, "image_size": 128, "d_model": 128, "feedforward": 256, "lr": 1e-3, "warmup": 10,
+            "shuffle_buffer": 100, "workers": 1, "log_every": 10, "checkpoint_every": 100, "image_every": 50},
+}
+"""Option defaults of ``trainer fit --preset``; options given on the command line win. 'cpu' is a
+smoke run that takes about five minutes on two cores (128 px: an 8 x 8 grid, a narrower
+transformer, a larger learning rate with a short warm-up)."""
+
+
+def _apply_preset(ctx, param, value: str) -> str:
+    """Eager callback of --preset: the preset's values become the defaults of the options that
+    follow (click reads ``ctx.default_map`` when it fills in an option the user did not give)."""
+    ctx.default_map = {**(ctx.default_map or {}), **PRESETS[value]}
+    return value
 
 
 def _fail(error: Exception) -> None:
@@ -32,6 +47,7 @@ def _joined(numbers) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="segswap")
 def main():
     """Train networks that find the same visual pattern in two images, from datagen shards.
 
@@ -39,10 +55,29 @@ def main():
     """
 
 
-@main.command()
-@click.option("--shards", required=True,
-              help="Shard directory (its manifest.json is checked), manifest.json, brace pattern "
-                   "('shards/shard-{000000..000099}.tar') or .tar file.")
+SHARDS_FORMS = ("a shard folder (its manifest.json is checked), its manifest.json, a brace pattern "
+                "('shards/shard-{000000..000099}.tar', quoted) or one .tar file")
+
+
+def _shard_set(shards, option: str | None = "--shards"):
+    """The resolved shard set, or a usage error naming the option (checked before any slow work)."""
+    from datagen.shardset import resolve_shard_set
+
+    try:
+        return resolve_shard_set(shards)
+    except (ValueError, OSError) as error:
+        if option is None:
+            raise click.BadParameter(str(error), param_hint="SHARDS") from error
+        raise click.BadParameter(str(error), param_hint=option) from error
+
+
+@main.command(short_help="Train a network on datagen shards (progress bar, TensorBoard, checkpoints, --resume).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True, is_eager=True,
+              callback=_apply_preset, expose_value=False,
+              help="Defaults for the options below: 'paper' (the paper's settings, as shown) or 'cpu', a five-minute "
+                   "smoke run on two cores: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                          PRESETS["cpu"].items()) + ". Options you give win.")
+@click.option("--shards", required=True, help=f"Training shards: {SHARDS_FORMS}.")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/transformer"),
               show_default=True, help="Run directory: checkpoint.pt, metrics.csv, tensorboard/, run.json.")
 @click.option("--arch", type=click.Choice(ARCHITECTURES), default=DEFAULTS.arch, show_default=True,
@@ -50,6 +85,10 @@ def main():
                    "second network; --ncnet-* options).")
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True,
               help="Total training steps (the paper: 200k).")
+@click.option("--image-size", type=click.IntRange(min=16), default=DEFAULTS.image_size, show_default=True,
+              help="Side of the square images the network sees, pixels (a multiple of 16; the grid is SIZE / 16). "
+                   "Shards of another size are resized and their grids recomputed from the stored warps. "
+                   "128 makes a CPU smoke run about 15x cheaper per step than the paper's 480.")
 @click.option("--positives", type=click.IntRange(min=1), default=DEFAULTS.positives, show_default=True,
               help="Positive pairs per step (P).")
 @click.option("--negatives", type=click.IntRange(min=0), default=DEFAULTS.negatives, show_default=True,
@@ -99,51 +138,63 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same config and data).")
 @click.option("--force", is_flag=True, help="With --resume: accept a checkpoint of another config or data set.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def fit(shards, run_dir, arch, steps, positives, negatives, lr, warmup, milestone, eta, layers, d_model, heads,
-        feedforward, ncnet_k, ncnet_kernel_sizes, ncnet_channels, ncnet_symmetric, ncnet_temperature, shuffle_buffer,
-        seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every, resume, force, no_progress):
-    """Train a network on datagen shards (paper section 3.2, Eq. 2)."""
-    import torch
+def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warmup, milestone, eta, layers, d_model,
+        heads, feedforward, ncnet_k, ncnet_kernel_sizes, ncnet_channels, ncnet_symmetric, ncnet_temperature,
+        shuffle_buffer, seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every, resume,
+        force, no_progress):
+    """Train a network on datagen shards (paper section 3.2, Eq. 2).
 
-    from .backbone import BackboneWeightsError, find_backbone_weights
-    from .loop import FitOptions, ResumeError, fit as run_fit
-
+    The options and --shards are checked first; run.json (the resolved config, data and backbone
+    weights) is written when training starts.
+    """
     transformer = TransformerConfig(layers=layers, d_model=d_model, heads=heads, feedforward=feedforward)
     ncnet = NCNetConfig(k=ncnet_k, kernel_sizes=ncnet_kernel_sizes, channels=ncnet_channels,
                         symmetric=ncnet_symmetric, temperature=ncnet_temperature)
     try:
-        config = TrainConfig(arch=arch, steps=steps, positives=positives, negatives=negatives, lr=lr,
-                             warmup_steps=warmup, milestone=milestone, eta=eta, shuffle_buffer=shuffle_buffer,
-                             seed=seed, transformer=transformer, ncnet=ncnet).validate()
-        weights = "random" if backbone_weights == "random" else find_backbone_weights(backbone_weights)
+        config = TrainConfig(arch=arch, steps=steps, image_size=image_size, positives=positives,
+                             negatives=negatives, lr=lr, warmup_steps=warmup, milestone=milestone, eta=eta,
+                             shuffle_buffer=shuffle_buffer, seed=seed, transformer=transformer,
+                             ncnet=ncnet).validate()
     except ValueError as error:
         raise click.UsageError(str(error)) from error
+    _shard_set(shards)
+
+    import warnings
+
+    from .backbone import RANDOM, BackboneWeightsError, find_backbone_weights
+    from .loop import FitOptions, ResumeError, fit as run_fit
+
+    try:
+        weights = find_backbone_weights(backbone_weights)
     except BackboneWeightsError as error:
         _fail(error)
-    if weights == "random":
+    if weights == RANDOM:
         click.echo("WARNING: --backbone-weights random: the backbone is not pre-trained; this run is for "
                    "smoke tests only and is recorded as such in run.json and the checkpoint.", err=True)
-    torch.manual_seed(seed)
     options = FitOptions(run_dir=run_dir, device=device, workers=workers, checkpoint_every=checkpoint_every,
                          log_every=log_every, image_every=image_every, resume=resume, force=force,
                          backbone_weights=weights, progress=not no_progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({"config": config.to_dict(), "shards": str(shards),
-                                                  "backbone_weights": weights}, indent=2, sort_keys=True))
     try:
-        metrics = run_fit(config, shards, options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the backbone keeps its RANDOM")  # said above, once
+            metrics = run_fit(config, shards, options)
     except (ResumeError, FileNotFoundError, ValueError, BackboneWeightsError) as error:
         _fail(error)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
     click.echo(f"stopped at step {metrics.get('step', '?')}: {summary}; checkpoint {run_dir / 'checkpoint.pt'}")
 
 
-@main.command()
-@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@main.command(short_help="Read every sample through the trainer's reader and print counts.")
+@click.argument("shards")
 def inspect(shards):
-    """Read every sample of a shard directory (or one .tar) and print what it holds."""
+    """Read every sample of a shard set through the trainer's reader and print what it holds.
+
+    SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
+    quoted) or one .tar file.
+    """
     from .data import summarise
 
+    _shard_set(shards, option=None)
     try:
         summary = summarise(shards)
     except (ValueError, FileNotFoundError) as error:
@@ -165,13 +216,18 @@ def _inference_errors():
     return (ResumeError, BadInput, FileNotFoundError, ValueError)
 
 
-@main.command("eval")
-@click.option("--shards", required=True,
-              help="Validation shards: a shard directory (its manifest.json is checked), manifest.json, brace "
-                   "pattern ('val/shard-{000000..000009}.tar') or .tar file. Read in stored order.")
+RANDOM_BACKBONE_WARNING = ("WARNING: {ckpt} was trained with --backbone-weights random: its backbone is not "
+                           "pre-trained, so its predictions are for smoke tests only.")
+
+
+@main.command("eval", short_help="Evaluate a checkpoint on held-out shards: mask IoU, correspondence error, AP.")
+@click.option("--shards", required=True, help=f"Validation shards, read in stored order: {SHARDS_FORMS}.")
 @click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True,
               help="Checkpoint written by 'trainer fit' (checkpoint.pt); it holds the config, the network and the "
                    "backbone weights. Images are resized to its image size.")
+@click.option("--vs-untrained", is_flag=True,
+              help="Also evaluate the same network as its run started (initialised from the run's --seed, the "
+                   "same backbone) and print both side by side: what training has learned.")
 @click.option("--max-samples", type=click.IntRange(min=1), default=None,
               help="Evaluate only the first this many samples. Default: all of them.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -180,7 +236,7 @@ def _inference_errors():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics (and the checkpoint, step and shards) to this JSON file.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def eval_command(shards, checkpoint, max_samples, batch, device, json_path, no_progress):
+def eval_command(shards, checkpoint, vs_untrained, max_samples, batch, device, json_path, no_progress):
     """Evaluate a checkpoint on held-out shards.
 
     Each sample is used without style, role swap or hidden tokens. Negatives pair sample i's source
@@ -192,28 +248,32 @@ def eval_command(shards, checkpoint, max_samples, batch, device, json_path, no_p
     """
     from .evaluate import evaluate_checkpoint, format_table, json_ready
 
+    _shard_set(shards)
     try:
         metrics = evaluate_checkpoint(checkpoint, shards, max_samples=max_samples, batch=batch, device=device,
-                                      progress=not no_progress)
+                                      progress=not no_progress, vs_untrained=vs_untrained)
     except _inference_errors() as error:
         _fail(error)
+    if metrics["backbone"].get("source") == "random":
+        click.echo(RANDOM_BACKBONE_WARNING.format(ckpt=checkpoint), err=True)
     click.echo(f"checkpoint {checkpoint} (step {metrics['step']}, image size {metrics['image_size']}) on {shards}")
-    click.echo(format_table(metrics))
+    click.echo(format_table(metrics, metrics.get("untrained")))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(json_ready(metrics), indent=2, sort_keys=True) + "\n")
         click.echo(f"metrics written to {json_path}")
 
 
-@main.command()
+@main.command(short_help="Predict both masks, correspondences and the Eq. 3 score of one image pair.")
 @click.argument("image_a", type=click.Path(path_type=Path))
 @click.argument("image_b", type=click.Path(path_type=Path))
 @click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True,
               help="Checkpoint written by 'trainer fit' (checkpoint.pt).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory: pair.png (both images at the network's size with predicted masks and "
-                   "correspondence lines), masks.png (the two predicted masks, greyscale, at each image's own "
-                   "size, side by side), result.json (score, checkpoint and step, images, mean mask of each).")
+              help="Output directory: pair.png (both images at the network's size under heat maps of the predicted "
+                   "masks, cells above 0.5 outlined, correspondence lines), masks.png (the two predicted masks, "
+                   "greyscale, at each image's own size, side by side), result.json (score, checkpoint and step, "
+                   "images, mean and largest mask value of each).")
 @click.option("--lines", "n_lines", type=click.IntRange(min=0), default=24, show_default=True,
               help="Correspondence lines drawn in pair.png (from source cells whose predicted mask > 0.5).")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
@@ -230,6 +290,12 @@ def predict(image_a, image_b, checkpoint, out_dir, n_lines, device):
         result = predict_files(image_a, image_b, checkpoint, out_dir, device=device, n_lines=n_lines)
     except _inference_errors() as error:
         _fail(error)
+    if result["backbone"].get("source") == "random":
+        click.echo(RANDOM_BACKBONE_WARNING.format(ckpt=checkpoint), err=True)
+    if result["nothing_passes"]:
+        click.echo(f"note: no cell of either predicted mask passes 0.5 (largest {result['mask_max'][0]:.3f} / "
+                   f"{result['mask_max'][1]:.3f}): the network finds nothing shared. pair.png and masks.png show "
+                   f"the soft masks.", err=True)
     click.echo(f"score {result['score']:.4f} (of at most {result['score_max']}); mean mask "
                f"{result['mask_mean'][0]:.3f} / {result['mask_mean'][1]:.3f}; written to {out_dir}")
 

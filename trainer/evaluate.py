@@ -171,16 +171,15 @@ def _chunks(shards, config: TrainConfig, batch: int, max_samples: int | None):
 
 
 def _sample_count(shards) -> int | None:
-    """The manifest's sample count when ``shards`` is a shard directory or manifest (for the bar)."""
-    from datagen.manifest import load_manifest
+    """The manifest's sample count of the shards (for the progress bar), when it lists them all."""
+    from datagen.shardset import resolve_shard_set
 
     try:
-        path = Path(str(shards))
-        if path.is_dir() or path.name.endswith(".json"):
-            return int(load_manifest(path)["n_samples"])
-    except (ValueError, KeyError, TypeError, OSError):
-        pass
-    return None
+        found = resolve_shard_set(shards)
+    except (ValueError, OSError):
+        return None
+    entries = [found.entry(tar) for tar in found.tars]
+    return sum(int(entry["samples"]) for entry in entries) if entries and None not in entries else None
 
 
 class _Tally:
@@ -276,33 +275,54 @@ def evaluate_model(config: TrainConfig, backbone: torch.nn.Module, model: torch.
 
 
 def evaluate_checkpoint(checkpoint, shards, max_samples: int | None = None, batch: int = 8,
-                        device: str = "auto", progress: bool = True) -> dict:
+                        device: str = "auto", progress: bool = True, vs_untrained: bool = False) -> dict:
     """:func:`evaluate_model` of a checkpoint (see :func:`trainer.loop.load_for_inference`), with
-    ``checkpoint``, ``step``, ``image_size`` and ``shards`` added to the result."""
-    config, backbone, model, step = load_for_inference(checkpoint, device)
-    metrics = evaluate_model(config, backbone, model, shards, max_samples, batch, progress)
-    return {"checkpoint": str(checkpoint), "step": step, "image_size": config.image_size,
-            "shards": str(shards), **metrics}
+    ``checkpoint``, ``step``, ``image_size``, ``shards`` and ``backbone`` (where its weights came
+    from) added to the result. ``vs_untrained``: also the metrics of the network as its run started
+    (:func:`trainer.loop.initial_model`: the run's seed, the same backbone), under ``untrained``."""
+    from .loop import initial_model
+
+    loaded = load_for_inference(checkpoint, device)
+    metrics = evaluate_model(loaded.config, loaded.backbone, loaded.model, shards, max_samples, batch, progress)
+    result = {"checkpoint": str(checkpoint), "step": loaded.step, "image_size": loaded.config.image_size,
+              "shards": str(shards), "backbone": loaded.backbone_record, **metrics}
+    if vs_untrained:
+        untrained = initial_model(loaded.config).to(device_of(loaded.backbone))
+        result["untrained"] = evaluate_model(loaded.config, loaded.backbone, untrained, shards, max_samples, batch,
+                                             progress)
+    return result
 
 
-def format_table(metrics: dict) -> str:
-    """A small aligned table of an evaluation result."""
-    rows = [
-        ("samples (positive pairs)", f"{metrics['samples']}"),
-        ("negative pairs", f"{metrics['negatives']}"),
-        ("mask IoU, positives (mean over images)", _fmt(metrics["mask_iou"])),
-        ("  images left out (no ground-truth cell > 0.5)", f"{metrics['empty_gt_images']}"),
-        ("mean predicted mask, negatives (lower is better)", _fmt(metrics["neg_mask_mean"])),
-        ("  (positives, for comparison)", _fmt(metrics["pos_mask_mean"])),
-        ("correspondence error, positives (grid cells)", _fmt(metrics["corr_error"])),
-        ("  over ground-truth mask cells, both directions", f"{metrics['corr_cells']}"),
-        ("share of mask cells within 1 cell", _fmt(metrics["corr_within_1"])),
-        ("pair score AP, positives vs negatives", _fmt(metrics["score_ap"])),
-        ("mean score, positives / negatives",
-         f"{_fmt(metrics['pos_score_mean'])} / {_fmt(metrics['neg_score_mean'])}"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+TABLE_ROWS = (
+    ("samples (positive pairs)", "samples", "{}"),
+    ("negative pairs", "negatives", "{}"),
+    ("mask IoU, positives (mean over images; higher is better)", "mask_iou", None),
+    ("  images left out (no ground-truth cell > 0.5)", "empty_gt_images", "{}"),
+    ("mean predicted mask, negatives (lower is better)", "neg_mask_mean", None),
+    ("  (positives, for comparison)", "pos_mask_mean", None),
+    ("correspondence error, positives (grid cells; lower is better)", "corr_error", None),
+    ("  over ground-truth mask cells, both directions", "corr_cells", "{}"),
+    ("share of mask cells within 1 cell (higher is better)", "corr_within_1", None),
+    ("pair score AP, positives vs negatives (higher is better)", "score_ap", None),
+    ("mean score, positives", "pos_score_mean", None),
+    ("mean score, negatives", "neg_score_mean", None),
+)
+"""(label, metric, format; None: 4 decimals, n/a for NaN) of :func:`format_table`."""
+
+
+def format_table(metrics: dict, untrained: dict | None = None) -> str:
+    """A small aligned table of an evaluation result; with ``untrained``, a second column of the
+    untrained network's metrics beside it."""
+    def cell(values: dict, name: str, fmt: str | None) -> str:
+        return fmt.format(values[name]) if fmt else _fmt(values[name])
+
+    rows = [(label, cell(metrics, name, fmt), cell(untrained, name, fmt) if untrained else None)
+            for label, name, fmt in TABLE_ROWS]
+    width = max(len(label) for label, _, _ in rows)
+    if untrained is None:
+        return "\n".join(f"{label:<{width}}  {value}" for label, value, _ in rows)
+    header = f"{'':<{width}}  {'trained':>10}  {'untrained':>10}"
+    return "\n".join([header] + [f"{label:<{width}}  {value:>10}  {base:>10}" for label, value, base in rows])
 
 
 def _fmt(value: float) -> str:
@@ -310,5 +330,6 @@ def _fmt(value: float) -> str:
 
 
 def json_ready(metrics: dict) -> dict:
-    """``metrics`` with NaN replaced by None (JSON has no NaN)."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    """``metrics`` (and the dicts inside it) with NaN replaced by None (JSON has no NaN)."""
+    return {k: json_ready(v) if isinstance(v, dict) else None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in metrics.items()}

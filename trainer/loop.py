@@ -7,6 +7,7 @@ the network's masks and correspondences for all of them; ``trainer.loss.step_los
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
@@ -15,13 +16,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from datagen.config import config_hash
 
-from .backbone import Backbone, load_backbone_weights, normalise
+from .backbone import RANDOM, Backbone, load_backbone_weights, normalise
 from .config import TrainConfig
 from .data import dataset_fingerprint, make_loader
 from .loss import PairBatch, step_loss
@@ -29,6 +31,14 @@ from .models import build_model
 
 CHECKPOINT_FORMAT = 1
 METRICS = ("step", "loss", "mask_bce", "corr_l1", "acc", "acc_pos", "acc_neg", "lr", "steps_per_s", "skipped")
+
+
+def initial_model(config: TrainConfig) -> torch.nn.Module:
+    """The network as a run of ``config`` starts: torch's generator is seeded with ``config.seed``
+    just before the network is built, so ``fit()`` from Python is reproducible (dropout draws go on
+    from that seed) and ``trainer eval --vs-untrained`` rebuilds a run's starting point."""
+    torch.manual_seed(config.seed)
+    return build_model(config)
 
 
 class ResumeError(RuntimeError):
@@ -112,11 +122,11 @@ class Trainer:
         self.options = options
         self.device = pick_device(options.device)
         self.run_dir = Path(options.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        torch.manual_seed(config.seed)  # a random backbone is the same for the same seed
         self.backbone = Backbone().to(self.device)
         self.backbone_record = load_backbone_weights(self.backbone, options.backbone_weights)
-        self.model = build_model(config).to(self.device)
+        self.model = initial_model(config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=tuple(config.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.neg_src, self.neg_tgt = negative_pairs(config.positives, config.negatives)
@@ -197,6 +207,20 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------
 
+    def write_run_record(self) -> Path:
+        """``run.json``: what this run trains (the config with its milestone resolved to a step,
+        its hash), on what (the shards as given, their fingerprint), from which backbone weights,
+        and the step it starts at (0, or where a resume picks up)."""
+        import datagen
+
+        config = {**self.config.to_dict(), "milestone": self.config.milestone_step}
+        record = {"config": config, "config_hash": config_hash(self.config), "shards": str(self.shards),
+                  "dataset_fingerprint": self.fingerprint, "backbone": self.backbone_record,
+                  "start_step": self.step, "device": str(self.device), "segswap_version": datagen.__version__}
+        path = self.run_dir / "run.json"
+        path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        return path
+
     def _on_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
@@ -213,6 +237,8 @@ class Trainer:
         elif self.checkpoint_path.is_file():
             raise ResumeError(f"{self.checkpoint_path} exists: continue it with --resume, or use another --out")
         loader = make_loader(self.shards, self.config, options.workers, start_epoch=self.step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_run_record()
         logger = MetricsLogger(self.run_dir, resume=options.resume)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         metrics: dict = {}
@@ -261,10 +287,27 @@ class Trainer:
         return src_out[0].float().cpu(), tgt_out[0].float().cpu()
 
 
-def load_for_inference(path, device: str = "auto") -> tuple:
-    """(config, backbone, model, step) of a checkpoint, in eval mode on ``device``: the checkpoint
-    holds the frozen backbone's weights too, so evaluation and prediction need no other file.
-    Anything that is not a trainer checkpoint with a valid config raises :class:`ResumeError`."""
+class Inference(NamedTuple):
+    """A checkpoint ready to run: in eval mode, on the device asked for."""
+
+    config: TrainConfig
+    backbone: Backbone
+    model: torch.nn.Module
+    step: int
+    backbone_record: dict
+    """Where the backbone's weights came from: ``{"source", "format", "sha256"}``; source "random"
+    for a run trained with ``--backbone-weights random``."""
+
+    @property
+    def random_backbone(self) -> bool:
+        return self.backbone_record.get("source") == RANDOM
+
+
+def load_for_inference(path, device: str = "auto") -> Inference:
+    """The config, backbone, model, step and backbone record of a checkpoint, in eval mode on
+    ``device``: the checkpoint holds the frozen backbone's weights too, so evaluation and
+    prediction need no other file. Anything that is not a trainer checkpoint with a valid config
+    raises :class:`ResumeError`."""
     state = load_checkpoint(path)
     try:
         config = TrainConfig.from_dict(state["config"]).validate()
@@ -273,10 +316,11 @@ def load_for_inference(path, device: str = "auto") -> tuple:
         model = build_model(config)
         model.load_state_dict(state["model"])
         step = int(state["step"])
+        record = dict(state.get("backbone") or {})
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
         raise ResumeError(f"{path}: not a trainer checkpoint ({type(error).__name__}: {error})") from error
     target = pick_device(device)
-    return config, backbone.to(target).eval(), model.to(target).eval(), step
+    return Inference(config, backbone.to(target).eval(), model.to(target).eval(), step, record)
 
 
 class MetricsLogger:

@@ -20,7 +20,7 @@ from datagen.preview import GAP
 
 from .evaluate import features, run_pair
 from .loop import load_for_inference
-from .visual import render_prediction
+from .visual import nothing_passes, render_prediction
 
 
 @dataclass
@@ -76,16 +76,17 @@ def predict_files(image_a, image_b, checkpoint, out_dir, device: str = "auto", n
     :class:`trainer.loop.ResumeError` for a file that is not a trainer checkpoint (both name the file).
     """
     originals = [load_rgb(image_a), load_rgb(image_b)]  # bad images fail before the checkpoint is read
-    config, backbone, model, step = load_for_inference(checkpoint, device)
+    config, backbone, model, step, backbone_record = load_for_inference(checkpoint, device)
     resized = [resize_image(image, config.image_size) for image in originals]
     prediction = predict_pair(backbone, model, *resized)
+    src_mask, tgt_mask = prediction.src_out[2], prediction.tgt_out[2]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_png(out / "pair.png", render_prediction(resized[0], resized[1], prediction.src_out, prediction.tgt_out,
                                                   n_lines=n_lines))
-    write_png(out / "masks.png", side_by_side(mask_picture(prediction.src_out[2], originals[0].shape[:2]),
-                                              mask_picture(prediction.tgt_out[2], originals[1].shape[:2])))
+    write_png(out / "masks.png", side_by_side(mask_picture(src_mask, originals[0].shape[:2]),
+                                              mask_picture(tgt_mask, originals[1].shape[:2])))
     result = {
         "score": prediction.score,
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -93,8 +94,11 @@ def predict_files(image_a, image_b, checkpoint, out_dir, device: str = "auto", n
         "image_size": config.image_size,
         "images": [str(Path(image_a).resolve()), str(Path(image_b).resolve())],
         "image_shapes": [list(image.shape[:2]) for image in originals],
-        "mask_mean": [float(prediction.src_out[2].mean()), float(prediction.tgt_out[2].mean())],
+        "mask_mean": [float(src_mask.mean()), float(tgt_mask.mean())],
+        "mask_max": [float(src_mask.max()), float(tgt_mask.max())],
+        "nothing_passes": nothing_passes(src_mask.numpy(), tgt_mask.numpy()),
         "score_max": (config.grid_size ** 2),
+        "backbone": backbone_record,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
