@@ -173,6 +173,7 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
     Re-running the same command resumes an interrupted build (only unfinished shards are
     rebuilt); a larger --n extends it.
     """
+    from .lock import LockedError
     from .run import BuildError, StyleSpec, build as run_build, default_workers
 
     objects = _objects_for(segments, objects)
@@ -195,8 +196,10 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
         manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
                              overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
                              show_progress=not no_progress, style=style_spec)
-    except (BuildError, ValueError, FileNotFoundError, LookupError) as error:
+    except (BuildError, LockedError, ValueError, FileNotFoundError, LookupError) as error:
         _fail(error)
+    except OSError as error:  # a read-only or full disk: the path and the cause, in one line
+        _fail(OSError(f"{error.filename or out_dir}: {error.strerror or error}"))
     elapsed = time.perf_counter() - started
     rejected = ", ".join(f"{reason} {count}" for reason, count in manifest["rejected"].items()) or "none"
     click.echo(f"{manifest['n_samples']} pairs in {len(manifest['shards'])} shards at {out_dir} "
@@ -349,10 +352,15 @@ def preview(shards, out_path, n, seed, fill):
     from .preview import write_preview
     from .shardset import resolve_shard_set
 
+    problems: list[str] = []
     try:
-        count = write_preview(resolve_shard_set(shards).tars, out_path, n=n, seed=seed, fill=fill)
+        count = write_preview(resolve_shard_set(shards).tars, out_path, n=n, seed=seed, fill=fill,
+                              problems=problems)
     except (ValueError, OSError) as error:
         _fail(error)
+    finally:
+        for problem in problems:
+            _say(f"skipped: {problem}")
     click.echo(f"{count} pairs drawn to {out_path}")
 
 

@@ -5,6 +5,7 @@ COCO's ``width``/``height`` and polygons refer to the pixels as stored.
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -26,6 +27,39 @@ class BadInput(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that PNG or JPEG ``data`` declares in its header, read without decoding
+    (so a small file that declares a huge image is refused before it takes the memory); None for
+    other formats or a header cut short."""
+    if data.startswith(PNG_START):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            at += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame header
+            if at + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[at + 5: at + 9])
+            return width, height
+        if marker == 0xDA:  # image data before any frame header
+            return None
+        at += 2 + struct.unpack(">H", data[at + 2: at + 4])[0]
+    return None
+
+
 def check_jpeg_complete(data: bytes) -> bool:
     """True if JPEG ``data`` ends with the EOI marker (FF D9), ignoring trailing zero/whitespace bytes."""
     return data.rstrip(_TRAILING_PADDING).endswith(JPEG_END)
@@ -40,6 +74,9 @@ def load_rgb(path, *, min_side: int = 32, max_pixels: int = 100_000_000,
     """
     data = _read_bytes(path)
     _check_complete(path, data)
+    declared = header_size(data)
+    if declared is not None and declared[0] * declared[1] > max_pixels:
+        raise BadInput(path, f"image is {declared[0]}x{declared[1]}, too large (> {max_pixels} pixels)")
     if data.startswith(JPEG_START):
         # 8-bit by construction: libjpeg-turbo writes RGB (from Y, YCbCr or CMYK) straight into
         # the output, which saves a BGR -> RGB pass over the image

@@ -181,7 +181,7 @@ _PACKAGES = {
                 "opencv-contrib-python"), "cv2"),
     "pycocotools": (("pycocotools",), "pycocotools"),
     "pyarrow": (("pyarrow",), "pyarrow"),
-    "webdataset": (("webdataset",), "webdataset"),
+    "scipy": (("scipy",), "scipy"),  # its FFTs solve the Poisson blend: the image bytes depend on it
     "datagen": (("datagen",), "datagen"),
 }
 
@@ -303,8 +303,8 @@ def load_manifest(path_or_dir) -> dict:
         raise ManifestError(f"{path}: cannot read manifest: {error}") from error
     try:
         manifest = json.loads(text)
-    except ValueError as error:
-        raise ManifestError(f"{path}: invalid JSON: {error}") from error
+    except (ValueError, RecursionError) as error:  # RecursionError: JSON nested thousands deep
+        raise ManifestError(f"{path}: invalid JSON: {type(error).__name__}: {str(error)[:200]}") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
@@ -312,5 +312,27 @@ def load_manifest(path_or_dir) -> dict:
         raise ManifestError(f"{path}: schema version {version!r}, this code reads {SCHEMA_VERSION}")
     missing = [key for key in ("config_hash", "shards", "fingerprint") if key not in manifest]
     if missing:
-        raise ManifestError(f"{path}: manifest lacks keys {missing}")
+        raise ManifestError(f"{path}: manifest lacks keys {', '.join(missing)}")
+    if not isinstance(manifest["shards"], list):
+        raise ManifestError(f"{path}: 'shards' is a {type(manifest['shards']).__name__}, not a list")
+    for index, entry in enumerate(manifest["shards"]):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ManifestError(f"{path}: shard entry {index}: {problem}")
     return manifest
+
+
+_ENTRY_TYPES = {"name": str, "bytes": int, "sha256": str, "samples": int}
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one manifest shard entry, or None."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not an object"
+    for key, kind in _ENTRY_TYPES.items():
+        value = entry.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key} is {value!r}, expected a {kind.__name__}"
+    if entry["bytes"] < 0 or entry["samples"] < 0:
+        return "negative bytes or samples"
+    return None

@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datagen.schema import PairSample, decode_sample
-from datagen.shards import iter_tar_samples
+from datagen.schema import PairSample, SchemaError, decode_sample
+from datagen.shards import ShardError, iter_tar_samples
 
 GAP = 8
 """Pixels between source and target in a rendered pair."""
@@ -185,16 +185,25 @@ def _encode_rgb(image: np.ndarray, extension: str, quality: int = 90) -> bytes:
     return buf.tobytes()
 
 
-def read_samples(shard_paths, n: int) -> list[PairSample]:
-    """The first ``n`` decoded samples across ``shard_paths``, in order."""
+def read_samples(shard_paths, n: int, problems: list | None = None) -> list[PairSample]:
+    """The first ``n`` readable samples across ``shard_paths``, in order. An unreadable shard
+    (from where it breaks) or sample is skipped and described in ``problems`` when given."""
     samples: list[PairSample] = []
+    problems = [] if problems is None else problems
     for path in shard_paths:
         if len(samples) >= n:
             break
-        for members in iter_tar_samples(path):
-            samples.append(decode_sample(members))
-            if len(samples) >= n:
-                break
+        try:
+            for members in iter_tar_samples(path):
+                try:
+                    samples.append(decode_sample(members))
+                except SchemaError as error:
+                    problems.append(f"{Path(path).name}: {error}")
+                    continue
+                if len(samples) >= n:
+                    break
+        except ShardError as error:
+            problems.append(str(error))
     return samples
 
 
@@ -228,13 +237,15 @@ def _html_page(samples: list[PairSample], seed: int, fill: bool) -> str:
             + "\n".join(figures) + "\n</body></html>\n")
 
 
-def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0, fill: bool = False) -> int:
+def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0, fill: bool = False,
+                  problems: list | None = None) -> int:
     """Render the first ``n`` samples of ``shard_paths`` to ``out_path``; returns the pairs rendered.
 
     ``.png``/``.jpg``/``.jpeg``: one contact sheet image; ``.html``/``.htm``: a self-contained page,
     one inline JPEG per pair (at most 960 px wide, quality 85: about 100-250 KB a pair) with its
     key, image ids, categories and object count. ``fill``: masks tinted as well as outlined.
-    Raises ValueError for another extension or when the shards hold no sample.
+    Unreadable shards and samples are skipped and described in ``problems`` when given.
+    Raises ValueError for another extension or when the shards hold no readable sample.
     """
     out_path = Path(out_path)
     extension = out_path.suffix.lower()
@@ -242,7 +253,7 @@ def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0, fill: bool 
         raise ValueError(f"preview {out_path}: extension must be one of "
                          f"{IMAGE_EXTENSIONS + HTML_EXTENSIONS}, got {extension or 'none'!r}")
     shard_paths = [Path(p) for p in shard_paths]
-    samples = read_samples(shard_paths, n)
+    samples = read_samples(shard_paths, n, problems)
     if not samples:
         raise ValueError(f"preview {out_path}: no samples in {[str(p) for p in shard_paths]}")
     if extension in HTML_EXTENSIONS:

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import sys
+import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from .manifest import (
     write_sample_rows,
     write_stats,
 )
+from .lock import OutputLock, die_with_parent, sigterm_as_interrupt
 from .pairs import PairBuilder, Rejected
 from .sampling import Sampler, attempt_rng, objects_for_attempt
 from .schema import encode_sample
 from .segments import SegmentBank, write_bank
-from .shards import ShardWriter, parse_shard_index, sample_key, shard_name
+from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
 from .sources import RUNTIME_OPTIONS, get_source, source_inputs
 from .style import NO_STYLE, make_stylizer
 from .style.pipeline import LocalStyler, RemoteStyler, StyleServer
@@ -207,7 +209,7 @@ def collect_style(job, samples: list) -> None:
 
 def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, image_root: str,
                 root_seed: int, out_dir: str, inputs_sha256: str | None = None,
-                style: StyleSpec | RemoteStyler | None = None, progress=None) -> dict:
+                style: StyleSpec | RemoteStyler | None = None, progress=None, build_pid: int | None = None) -> dict:
     """Build shard ``shard`` with ``count`` samples into ``out_dir``; returns its stats.
 
     ``inputs_sha256`` (the inputs' checksum) is recorded in the stats, so that shards of
@@ -219,7 +221,12 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
     Writes the tar, then the per-attempt parquet, then the stats marker (last). A rejected or
     failing attempt is recorded and the shard goes on; ``config.max_attempts`` failures in a
     row stop it with :class:`BuildError` (something is wrong with every input, not one).
+
+    ``build_pid``: the build's process; a worker process it started kills itself when it is gone
+    (:func:`datagen.lock.die_with_parent`), so that no shard is written after a build is killed.
     """
+    if build_pid is not None:
+        die_with_parent(build_pid)
     cv2.setNumThreads(1)
     sampler, builder = _worker_state(bank_dir, image_root, config, inputs_sha256)
     styler = (style or StyleSpec({})).styler(config) if config.style != NO_STYLE else None
@@ -301,16 +308,21 @@ def same_build(stats: dict, chash: str, root_seed: int, inputs_sha256: str | Non
 
 
 def shard_is_done(out: Path, shard: int, count: int, chash: str, root_seed: int,
-                  inputs_sha256: str | None = None) -> dict | None:
+                  inputs_sha256: str | None = None, log=None) -> dict | None:
     """The shard's stats if it is complete for this build (marker present, same build and
-    count, tar of the recorded size), else None."""
+    count, and the tar's own bytes: its size and sha256 as the stats record them), else None.
+    ``log`` hears of a shard whose bytes changed after it was written (it is rebuilt)."""
     stats = read_stats(out / stats_name(shard))
     tar = out / shard_name(shard)
     if stats is None or not tar.is_file():
         return None
-    done = (same_build(stats, chash, root_seed, inputs_sha256) and stats["samples"] == count
-            and tar.stat().st_size == stats["bytes"])
-    return stats if done else None
+    if not (same_build(stats, chash, root_seed, inputs_sha256) and stats["samples"] == count):
+        return None
+    if tar.stat().st_size != stats["bytes"] or sha256_file(tar) != stats["sha256"]:
+        if log is not None:
+            log(f"{tar.name}: its bytes differ from the checksum recorded when it was written; rebuilding it")
+        return None
+    return stats
 
 
 def check_out_dir(out: Path, chash: str, root_seed: int, overwrite: bool,
@@ -334,9 +346,10 @@ def _run_parallel(tasks, workers: int, bar, style: StyleSpec, served_stylizer=No
 
     ``served_stylizer``: a stylizer of this process that every worker uses through a
     :class:`StyleServer` (a GPU one); else each worker makes its own from ``style``."""
-    import multiprocessing
+    from multiprocessing.managers import SyncManager
 
-    manager = multiprocessing.Manager()
+    manager = SyncManager()
+    manager.start(die_with_parent, (os.getpid(),))  # its server process goes with a killed build too
     updates = manager.Queue()
     stop = threading.Event()
 
@@ -354,7 +367,7 @@ def _run_parallel(tasks, workers: int, bar, style: StyleSpec, served_stylizer=No
             server = (stack.enter_context(StyleServer(served_stylizer, manager))
                       if served_stylizer is not None else None)
             jobs = (delayed(build_shard)(*task, style=server.styler() if server else style,
-                                         progress=updates.put) for task in tasks)
+                                         progress=updates.put, build_pid=os.getpid()) for task in tasks)
             built = list(Parallel(n_jobs=workers, return_as="generator_unordered")(jobs))
         if server is not None:
             log(f"style server: {server.served} requests, stylising {server.busy_seconds:.1f} s of "
@@ -399,41 +412,64 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     stylizer = style.make(config)  # missing weights or style images fail here too
     style_description = stylizer.describe() if stylizer is not None else None
     inputs_sha256 = inputs_checksum(record["source_sha256"], style_identity(style_description))
-    out.mkdir(parents=True, exist_ok=True)
-    check_out_dir(out, chash, seed, overwrite, inputs_sha256)
-    inputs = prepare_bank(spec, config, out / BANK_DIR, log, record=record, source=source)
-    bank_dir, image_root = str(out / BANK_DIR), inputs["image_root"]
+    if manifests_dir is not None:
+        check_writable(Path(manifests_dir), "--manifests-dir")
+    check_writable(out, "--out")
+    with OutputLock(out, "datagen build"), sigterm_as_interrupt():
+        _remove_leftovers(out)
+        check_out_dir(out, chash, seed, overwrite, inputs_sha256)
+        inputs = prepare_bank(spec, config, out / BANK_DIR, log, record=record, source=source)
+        bank_dir, image_root = str(out / BANK_DIR), inputs["image_root"]
 
-    shards = plan_shards(n, config.shard_size)
-    done = {k: s for k, c in shards
-            if (s := shard_is_done(out, k, c, chash, seed, inputs_sha256)) is not None}
-    todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256)
-            for k, c in shards if k not in done]
-    if done:
-        log(f"resuming: {len(done)} of {len(shards)} shards already complete")
-    extra = sorted(p.name for p in out.glob("shard-*.tar") if parse_shard_index(p.name) >= len(shards))
-    if extra:
-        log(f"warning: {len(extra)} shards beyond this build's {len(shards)} are left out of the manifest: "
-            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        shards = plan_shards(n, config.shard_size)
+        done = {k: s for k, c in shards
+                if (s := shard_is_done(out, k, c, chash, seed, inputs_sha256, log)) is not None}
+        todo = [(k, c, config, bank_dir, image_root, seed, str(out), inputs_sha256)
+                for k, c in shards if k not in done]
+        if done:
+            log(f"resuming: {len(done)} of {len(shards)} shards already complete")
+        extra = sorted(p.name for p in out.glob("shard-*.tar") if parse_shard_index(p.name) >= len(shards))
+        if extra:
+            log(f"warning: {len(extra)} shards beyond this build's {len(shards)} are left out of the manifest: "
+                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
 
-    total = sum(c for k, c, *_ in todo)
-    workers = max(1, min(workers, len(todo)))
-    with tqdm(total=total, unit="pair", desc="pairs", disable=not show_progress or total == 0,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        if workers == 1:
-            built = [build_shard(*task, style=style, progress=bar.update) for task in todo]
-        else:
-            served = stylizer if serve_style(stylizer, workers, style_server) else None
-            if served is not None:
-                log(f"style server: {workers} workers share one stylizer on {getattr(served, 'device', 'the CPU')}")
-            built = _run_parallel(todo, workers, bar, style, served, log)
-    all_stats = list(done.values()) + built
-    inputs_record = {"segments": spec.to_json(), **{k: v for k, v in inputs.items() if k != "source"},
-                     "style": style_description, "inputs_sha256": inputs_sha256}
-    manifest = build_manifest(config=config, root_seed=seed, inputs=inputs_record, shard_stats=all_stats,
-                              n_requested=n)
-    write_manifest(manifest, out, manifests_dir)
+        total = sum(c for k, c, *_ in todo)
+        workers = max(1, min(workers, len(todo)))
+        with tqdm(total=total, unit="pair", desc="pairs", disable=not show_progress or total == 0,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            if workers == 1:
+                built = [build_shard(*task, style=style, progress=bar.update) for task in todo]
+            else:
+                served = stylizer if serve_style(stylizer, workers, style_server) else None
+                if served is not None:
+                    device = getattr(served, "device", "the CPU")
+                    log(f"style server: {workers} workers share one stylizer on {device}")
+                built = _run_parallel(todo, workers, bar, style, served, log)
+        all_stats = list(done.values()) + built
+        inputs_record = {"segments": spec.to_json(), **{k: v for k, v in inputs.items() if k != "source"},
+                         "style": style_description, "inputs_sha256": inputs_sha256}
+        manifest = build_manifest(config=config, root_seed=seed, inputs=inputs_record, shard_stats=all_stats,
+                                  n_requested=n)
+        write_manifest(manifest, out, manifests_dir)
     return manifest
+
+
+def check_writable(directory: Path, option: str) -> None:
+    """Fail before any work when ``directory`` cannot be made or written in (a read-only file
+    system, a file in the way), rather than after hours of shards."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise BuildError(f"{option} {directory}: cannot write there ({error.strerror or error})") from None
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary files of shards that a killed build left (no other writer can exist
+    while the lock is held)."""
+    for path in [*out.glob("shard-*.tmp"), out / "manifest.json.tmp"]:
+        path.unlink(missing_ok=True)
 
 
 def default_workers() -> int:

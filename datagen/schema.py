@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .imageio import header_size
+
 SCHEMA_VERSION = 1
 
 IMAGE_FIELDS = ("src.jpg", "tgt.jpg")
@@ -35,6 +37,14 @@ MASK_FIELDS = ("src.mask.png", "tgt.mask.png")
 GRID_MASK_FIELDS = ("src.gridmask.npy", "tgt.gridmask.npy")
 FLOW_FIELDS = ("src2tgt.npy", "tgt2src.npy")
 REQUIRED_FIELDS = ("json",) + IMAGE_FIELDS + MASK_FIELDS + GRID_MASK_FIELDS + FLOW_FIELDS
+
+
+MAX_IMAGE_SIDE = 8192
+"""Largest width or height an image or mask of a sample may declare (the paper's are 480)."""
+MAX_GRID_SIDE = 1024
+"""Largest side of a grid array (the paper's grid is 30 x 30)."""
+MAX_JSON_BYTES = 1 << 20
+"""Largest sample JSON (a pair's is about 2 KB)."""
 
 
 class SchemaError(ValueError):
@@ -70,8 +80,33 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def decode_npy(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """``.npy`` bytes -> array, never unpickling. With ``max_side``, the header's shape is checked
+    before anything is allocated: every dimension at most ``max_side``, a numeric dtype."""
+    buffer = io.BytesIO(data)
+    if max_side is not None:
+        version = np.lib.format.read_magic(buffer)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(buffer)
+        if dtype.kind not in "fiu" or any(side > max_side for side in shape):
+            raise ValueError(f"declares a {dtype} array of shape {tuple(shape)} (limit: numbers, sides "
+                             f"<= {max_side})")
+        buffer.seek(0)
+    return np.load(buffer, allow_pickle=False)
+
+
+def decode_grid(data: bytes) -> np.ndarray:
+    """A sample's grid array (.npy) as float32, its declared shape checked first."""
+    return decode_npy(data, MAX_GRID_SIDE).astype(np.float32)
+
+
+def _check_declared_size(data: bytes) -> None:
+    size = header_size(data)
+    if size is None:
+        raise ValueError("not a JPEG or PNG with a readable header")
+    if max(size) > MAX_IMAGE_SIDE or min(size) < 1:
+        raise ValueError(f"declares {size[0]}x{size[1]} pixels (limit: sides 1 to {MAX_IMAGE_SIDE})")
 
 
 def encode_jpeg(image_rgb: np.ndarray, quality: int) -> bytes:
@@ -94,7 +129,8 @@ def encode_png(mask: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB."""
+    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB (the declared size checked before decoding)."""
+    _check_declared_size(data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError("undecodable image")
@@ -102,7 +138,8 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W) uint8."""
+    """PNG bytes -> (H, W) uint8 (the declared size checked before decoding)."""
+    _check_declared_size(data)
     mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if mask is None or mask.ndim != 2:
         raise ValueError("undecodable mask")
@@ -150,7 +187,11 @@ def decode_sample(members: dict) -> PairSample:
         except Exception as error:  # noqa: BLE001 - reported with the field's name
             raise SchemaError(f"sample {key}: field {name}: {error}") from error
 
+    if len(members["json"]) > MAX_JSON_BYTES:
+        raise SchemaError(f"sample {key}: field json is {len(members['json'])} bytes (limit {MAX_JSON_BYTES})")
     meta = read("json", lambda b: json.loads(b.decode("utf-8")))
+    if not isinstance(meta, dict):
+        raise SchemaError(f"sample {key}: field json holds a {type(meta).__name__}, not an object")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise SchemaError(f"sample {key}: schema version {version}, this code reads {SCHEMA_VERSION}")
@@ -160,10 +201,10 @@ def decode_sample(members: dict) -> PairSample:
         tgt_image=read("tgt.jpg", decode_image),
         src_mask=read("src.mask.png", decode_mask),
         tgt_mask=read("tgt.mask.png", decode_mask),
-        src_grid_mask=read("src.gridmask.npy", decode_npy).astype(np.float32),
-        tgt_grid_mask=read("tgt.gridmask.npy", decode_npy).astype(np.float32),
-        src_to_tgt=read("src2tgt.npy", decode_npy).astype(np.float32),
-        tgt_to_src=read("tgt2src.npy", decode_npy).astype(np.float32),
+        src_grid_mask=read("src.gridmask.npy", decode_grid),
+        tgt_grid_mask=read("tgt.gridmask.npy", decode_grid),
+        src_to_tgt=read("src2tgt.npy", decode_grid),
+        tgt_to_src=read("tgt2src.npy", decode_grid),
         meta=meta,
         src_style_image=read("src.style.jpg", decode_image) if "src.style.jpg" in members else None,
         tgt_style_image=read("tgt.style.jpg", decode_image) if "tgt.style.jpg" in members else None,
@@ -175,6 +216,9 @@ def decode_sample(members: dict) -> PairSample:
 def check_shapes(sample: PairSample) -> None:
     """Raise SchemaError when array shapes disagree with each other."""
     key = sample.key
+    if sample.src_grid_mask.ndim != 2:
+        raise SchemaError(f"sample {key}: field src.gridmask.npy has shape {tuple(sample.src_grid_mask.shape)}, "
+                          f"expected (h, w)")
     grid_h, grid_w = sample.src_grid_mask.shape
     expect = {
         "src.jpg": (sample.src_image.shape[:2], sample.src_mask.shape),
@@ -183,6 +227,10 @@ def check_shapes(sample: PairSample) -> None:
         "src2tgt.npy": (sample.src_to_tgt.shape, (grid_h, grid_w, 2)),
         "tgt2src.npy": (sample.tgt_to_src.shape, (grid_h, grid_w, 2)),
     }
+    for name, styled, plain in (("src.style.jpg", sample.src_style_image, sample.src_image),
+                                ("tgt.style.jpg", sample.tgt_style_image, sample.tgt_image)):
+        if styled is not None:
+            expect[name] = (styled.shape, plain.shape)
     for name, (got, want) in expect.items():
         if tuple(got) != tuple(want):
             raise SchemaError(f"sample {key}: field {name} has shape {tuple(got)}, expected {tuple(want)}")

@@ -27,6 +27,10 @@ TAR_GROUP = "datagen"
 TAR_MODE = 0o444
 TAR_MTIME = 0
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+_COMPRESSED_MAGIC = (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x28\xb5\x2f\xfd"),
+                     ("lz4", b"\x04\x22\x4d\x18"))
+MAX_MEMBER_BYTES = 64 << 20
+"""Largest tar member a reader takes (a 480 px pair's largest is about 60 KB)."""
 _SHARD_NAME = re.compile(r"^shard-(\d{%d,})\." % SHARD_DIGITS)
 
 
@@ -225,8 +229,10 @@ def iter_tar_samples(path) -> Iterator[dict]:
 
     Consecutive members with the same key (name up to the first dot) form one sample.
     Raises :class:`ShardError` naming the shard and the last good sample key when the tar
-    is truncated or corrupt (including a missing end-of-archive marker), a member is not a
-    regular file, a member name has no field, or a key or field appears twice.
+    is truncated or corrupt (including a missing end-of-archive marker), compressed (only plain
+    tars are read: a small gzip file can expand to gigabytes), a member is not a regular file or
+    declares more than :data:`MAX_MEMBER_BYTES`, a member name has no field, or a key or field
+    appears twice.
     """
     path = Path(path)
     last_key = None
@@ -235,6 +241,12 @@ def iter_tar_samples(path) -> Iterator[dict]:
     except OSError as error:
         raise ShardError(path, f"cannot open: {error.strerror or error}") from error
     with handle:
+        magic = handle.read(6)
+        handle.seek(0)
+        for name, prefix in _COMPRESSED_MAGIC:
+            if magic.startswith(prefix):
+                raise ShardError(path, f"a {name}-compressed file, not a plain tar (compressed shards are refused: "
+                                       f"a small one can expand to gigabytes)")
         try:
             tar = tarfile.open(fileobj=handle, mode="r:")
         except tarfile.TarError as error:
@@ -258,6 +270,9 @@ def iter_tar_samples(path) -> Iterator[dict]:
                     current = {"__key__": key}
                 if field in current:
                     raise ShardError(path, f"sample {key}: field {field} appears twice", last_key)
+                if member.size > MAX_MEMBER_BYTES:
+                    raise ShardError(path, f"member {member.name!r} declares {member.size} bytes (limit "
+                                           f"{MAX_MEMBER_BYTES})", last_key)
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise ShardError(path, f"truncated in member {member.name!r}", last_key)

@@ -15,7 +15,8 @@ Tars named by a pattern or one by one keep their manifest entry (size, sha256, s
 the manifest of their folder lists them, so they can still be checked against it.
 
 A manifest's shard names must be plain file names: a name with a path separator, or ``.``/``..``,
-is refused, so that a manifest never makes a command open a file outside the set's folder.
+is refused, and so is a listed shard that is a link out of the folder or not a regular file (a
+FIFO would hang a reader), so that a manifest never makes a command open a file outside the set.
 """
 from __future__ import annotations
 
@@ -74,11 +75,23 @@ def _checked_names(manifest: dict, path: Path) -> list[str]:
     return names
 
 
+def _check_inside(tar: Path, folder: Path, manifest_path: Path) -> None:
+    """Refuse a listed shard that is a link out of the set's folder, or not a regular file (a FIFO
+    would hang a reader). A missing one is left to the reader to report."""
+    if tar.is_symlink() and tar.resolve().parent != folder.resolve():
+        raise ManifestError(f"{manifest_path}: shard {tar.name} is a link to {tar.resolve()}, outside the "
+                            f"set's folder")
+    if tar.exists() and not tar.is_file():
+        raise ManifestError(f"{manifest_path}: shard {tar.name} is not a regular file")
+
+
 def _from_manifest(spec: str, path: Path) -> ShardSet:
     manifest = load_manifest(path)
     folder = path.parent
     names = _checked_names(manifest, path)
     tars = tuple(folder / name for name in names)
+    for tar in tars:
+        _check_inside(tar, folder, path)
     return ShardSet(spec, tars, manifest, path, dict(zip(tars, manifest["shards"])), whole=True)
 
 
@@ -101,14 +114,14 @@ def _tars_of(spec: str) -> list[Path] | ShardSet:
         expanded = [Path(item) for item in braceexpand(spec)]
         bad = [str(p) for p in expanded if p.suffix != ".tar" or not p.is_file()]
         if bad:
-            raise ShardSetError(f"{spec}: the pattern names {len(bad)} path(s) that are not .tar files, e.g. "
-                                f"{', '.join(bad[:3])}")
+            raise ShardSetError(f"{spec}: the pattern names {len(bad)} path(s) that are not .tar files on disk "
+                                f"(missing, or not regular files), e.g. {', '.join(bad[:3])}")
         return expanded
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file():
             return _from_manifest(spec, path / MANIFEST_NAME)
-        tars = sorted(path.glob("shard-*.tar"))
+        tars = sorted(p for p in path.glob("shard-*.tar") if p.is_file())
         if not tars:
             raise ShardSetError(f"{spec}: a folder with neither {MANIFEST_NAME} nor shard-*.tar files "
                                 f"(a shard set is {FORMS})")

@@ -136,7 +136,11 @@ def verify_shard(path: Path, entry: dict | None, report: VerifyReport,
             except SchemaError as error:
                 problems.append(f"{name}: {error}")
                 continue
-            problems += [f"{name}: sample {key}: {p}" for p in check_sample_grids(sample)]
+            try:
+                problems += [f"{name}: sample {key}: {p}" for p in check_sample_grids(sample)]
+            except Exception as error:  # noqa: BLE001 - malformed warps in the JSON: reported, not raised
+                problems.append(f"{name}: sample {key}: its grids cannot be recomputed from its JSON "
+                                f"({type(error).__name__}: {error})")
     except ShardError as error:
         problems.append(f"{name}: unreadable tar: {error}")
     if entry is not None and len(keys) != entry["samples"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,6 +91,102 @@ def test_resume_after_kill_9_equals_uninterrupted_build(reference, tmp_path):
     assert_no_tmp(out)
 
 
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of process ``pid`` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_build(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "datagen.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def wait_for_first_shard(process, out: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("shard-*.stats.json")):
+        assert process.poll() is None, f"build ended before any shard: {process.stderr.read().decode()}"
+        assert time.monotonic() < deadline, f"no shard finished within {timeout} s"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_workers_end_with_their_build_and_the_rerun_equals_an_uninterrupted_build(reference, tmp_path,
+                                                                                   signal_name):
+    """Only the main process is signalled (as `timeout` or a scheduler does): no worker may go on
+    writing shards into a folder that a rerun rebuilds."""
+    import signal
+
+    out = tmp_path / "killed"
+    args = build_args(out, shard_size=2, workers=2)  # 10 shards of 2 over two worker processes
+    process = start_build(args)
+    try:
+        wait_for_first_shard(process, out)
+        workers = children_of(process.pid)
+        assert workers, "the build started no worker process"
+        process.send_signal(getattr(signal, signal_name))
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [pid for pid in workers if alive(pid)]
+        committed = shard_files(out, "shard-*.stats.json")
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert not survivors, f"processes of the build outlived it: {survivors}"
+    time.sleep(0.5)
+    assert shard_files(out, "shard-*.stats.json") == committed, "a shard was committed after the build ended"
+    assert not (out / "manifest.json").exists()
+    run_cli(args)
+    direct = tmp_path / "direct"
+    run_cli(build_args(direct, shard_size=2))
+    assert_same_outputs(out, direct)
+    assert_no_tmp(out)
+
+
+def test_a_second_build_on_the_same_folder_stops_at_once_naming_the_first(reference_copy):
+    from datagen.lock import OutputLock
+
+    before = file_ids(reference_copy, "shard-*")
+    with OutputLock(reference_copy, "datagen build"):
+        started = time.monotonic()
+        result = run_cli(build_args(reference_copy), expect=1)
+        assert time.monotonic() - started < 5
+    message = all_output(result)
+    assert f"pid {os.getpid()}" in message and "being written by" in message and "Traceback" not in message
+    assert file_ids(reference_copy, "shard-*") == before
+    run_cli(build_args(reference_copy))  # released: the next build goes ahead
+
+
+def test_temporary_files_of_a_killed_build_are_removed_by_the_next(reference_copy):
+    (reference_copy / (shard_name(9) + ".tmp")).write_bytes(b"half a shard")
+    (reference_copy / "manifest.json.tmp").write_bytes(b"{")
+    run_cli(build_args(reference_copy))
+    assert_no_tmp(reference_copy)
+
+
 def test_resuming_with_a_current_bank_does_not_load_the_annotations_again(reference, reference_copy, monkeypatch):
     """Parsing COCO's annotations takes a minute: a resume whose bank matches skips it."""
     import datagen.run
@@ -104,14 +201,22 @@ def test_resuming_with_a_current_bank_does_not_load_the_annotations_again(refere
     assert_same_outputs(reference_copy, reference)
 
 
-@pytest.mark.parametrize("damage", ["delete_stats_marker", "truncate_tar"])
+@pytest.mark.parametrize("damage", ["delete_stats_marker", "truncate_tar", "flip_a_byte", "zero_a_run"])
 def test_resume_rebuilds_only_unfinished_shards(reference, reference_copy, damage):
     out, broken = reference_copy, 2
+    tar = out / shard_name(broken)
+    data = bytearray(tar.read_bytes())
     if damage == "delete_stats_marker":
         (out / stats_name(broken)).unlink()
-    else:  # a tar that does not match its marker (e.g. a disk that lost the tail)
-        tar = out / shard_name(broken)
-        tar.write_bytes(tar.read_bytes()[:-4096])
+    elif damage == "truncate_tar":  # a tar that does not match its marker (e.g. a disk that lost the tail)
+        tar.write_bytes(data[:-4096])
+    elif damage == "flip_a_byte":  # same size: only the checksum tells
+        data[len(data) // 3] ^= 0x01
+        tar.write_bytes(bytes(data))
+    else:  # a run of zeros where data was, same size (a damaged disk block)
+        data[4096: 4096 + 8192] = bytes(8192)
+        tar.write_bytes(bytes(data))
+    assert tar.stat().st_size == len(data) or damage == "truncate_tar"
     before = file_ids(out, "shard-*")
     result = run_cli(build_args(out))
     assert f"resuming: {REFERENCE_SHARDS - 1} of {REFERENCE_SHARDS} shards already complete" in all_output(result)
@@ -194,7 +299,7 @@ def test_manifest_describes_the_files(reference):
     assert manifest["config_hash"] == config_hash(config)
     assert manifest["root_seed"] == 0
     assert manifest["n_requested"] == manifest["n_samples"] == REFERENCE_N
-    for package in ("python", "numpy", "opencv", "pyarrow", "webdataset", "datagen"):
+    for package in ("python", "numpy", "opencv", "pyarrow", "scipy", "datagen"):
         assert manifest["versions"].get(package), f"no version of {package}"
     assert [s["name"] for s in manifest["shards"]] == [shard_name(k) for k in range(REFERENCE_SHARDS)]
     for entry in manifest["shards"]:
@@ -351,3 +456,42 @@ def test_trainer_reads_every_sample_with_the_right_shapes(reference):
             assert mask.shape == (480, 480) and mask.dtype == np.uint8
             assert sorted(set(np.unique(mask).tolist()) - {0}) == ids, sample.key
         assert sample.meta["key"] == sample.key and sample.meta["seed"]["root"] == 0
+
+
+# -- file-system errors: one line naming the path and the cause, nothing half-written ----------------
+
+@pytest.mark.parametrize("where", ["out", "manifests"])
+def test_a_place_that_cannot_be_written_fails_before_any_work(tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out" if where == "out" else tmp_path / "out"
+    manifests = blocker / "manifests" if where == "manifests" else tmp_path / "manifests"
+    result = run_cli(build_args(out, manifests=manifests), expect=1)
+    message = all_output(result)
+    option = "--out" if where == "out" else "--manifests-dir"
+    assert f"{option} {blocker}" in message and "Not a directory" in message and "Traceback" not in message
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_a_full_disk_mid_build_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import datagen.shards
+
+    out = tmp_path / "out"
+    original = datagen.shards._HashingFile.write
+    calls = {"n": 0}
+
+    def filling_up(self, data):
+        calls["n"] += 1
+        if calls["n"] > 12:  # two whole shards go through, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.handle.name))
+        return original(self, data)
+
+    monkeypatch.setattr(datagen.shards._HashingFile, "write", filling_up)
+    result = run_cli(build_args(out), expect=1)
+    message = all_output(result)
+    assert "No space left on device" in message and ".tar.tmp" in message and "Traceback" not in message
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error")]) == 1, result.stderr
+    assert_no_tmp(out)
+    assert not (out / "manifest.json").exists()

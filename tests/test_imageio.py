@@ -185,3 +185,26 @@ def test_grayscale_jpeg_becomes_rgb(tmp_path, rgb):
     assert image.shape == (300, 400, 3)
     for channel in range(3):
         np.testing.assert_array_equal(image[:, :, channel], decoded_gray)
+
+
+def test_header_size_reads_jpeg_and_png_headers_without_decoding(jpeg, tmp_path, rgb):
+    from datagen.imageio import header_size
+
+    assert header_size(jpeg.read_bytes()) == (400, 300)
+    png = write_png(tmp_path / "image.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)[:37, :51])
+    assert header_size(png.read_bytes()) == (51, 37)
+    assert header_size(b"GIF89a....") is None and header_size(jpeg.read_bytes()[:4]) is None
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    ok, png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    data = bytearray(png.tobytes())
+    data[16:24] = struct.pack(">II", 50_000, 50_000)  # 2.5 G pixels declared in 70 bytes
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded before its size was checked"))
+    assert "50000x50000, too large" in reason_of(path)

@@ -61,7 +61,7 @@ def test_another_network_grid_is_recomputed_from_the_stored_warps(reference):
 
 
 def small_stream(shards, **overrides):
-    config = TrainConfig(positives=2, image_size=96, shuffle_buffer=4, **overrides)
+    config = TrainConfig(**{"positives": 2, "image_size": 96, "shuffle_buffer": 4, **overrides})
     return PairStream(shard_urls(shards), config)
 
 
@@ -99,3 +99,112 @@ def test_loader_workers_share_the_shards(reference):
     for batch, _ in zip(loader, range(20)):
         keys.update(batch["keys"])
     assert {key.split("_")[0] for key in keys} == {"000000", "000001", "000002", "000003"}
+
+
+# -- damaged and hostile shards: skipped, counted and named; never decoded blindly ----------------
+
+def copy_set(reference, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(reference, out)
+    return out
+
+
+def rewrite_sample(tar, index: int, **members):
+    """Rewrite shard ``tar`` with sample ``index``'s members replaced by ``members`` (bytes)."""
+    from datagen.shards import ShardWriter, iter_tar_samples
+
+    samples = list(iter_tar_samples(tar))
+    samples[index].update({name.replace("_", "."): value for name, value in members.items()})
+    with ShardWriter(tar) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def stream_keys(shards, capsys, batches: int = 12, **config) -> tuple[set, int, str]:
+    stream = iter(small_stream(shards, **config))
+    seen = [next(stream) for _ in range(batches)]
+    return ({key for batch in seen for key in batch["keys"]}, sum(batch["skipped"] for batch in seen),
+            capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("json_is_a_list", "not an object"),
+    ("huge_mask", "declares"),
+    ("huge_grid", "declares"),
+    ("bad_warp", "sample 000001_000003"),
+])
+def test_a_malformed_sample_is_skipped_and_named_and_the_rest_is_used(reference, tmp_path, capsys, damage,
+                                                                       words):
+    import cv2
+    import struct
+    import zlib
+
+    from datagen.schema import encode_npy
+    from datagen.shards import iter_tar_samples
+
+    shards = copy_set(reference, tmp_path)
+    tar = shards / shard_name(1)
+    original = list(iter_tar_samples(tar))[3]
+    if damage == "json_is_a_list":
+        rewrite_sample(tar, 3, json=b"[1, 2, 3]")
+    elif damage == "huge_mask":  # a small PNG whose header declares 60000 x 60000 pixels
+        ok, png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+        data = bytearray(png.tobytes())
+        data[16:24] = struct.pack(">II", 60000, 60000)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        rewrite_sample(tar, 3, src_mask_png=bytes(data))
+    elif damage == "huge_grid":
+        rewrite_sample(tar, 3, src_gridmask_npy=encode_npy(np.zeros((1, 5000, 5000), np.float16)[:, :1, :1])
+                       .replace(b"(1, 1, 1)", b"(1, 5000, 5000)"))
+    else:  # a warp that cannot be inverted: only recomputing the grids (another image size) meets it
+        meta = json.loads(original["json"])
+        meta["objects"][0]["warp"]["affine"] = [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
+        rewrite_sample(tar, 3, json=json.dumps(meta).encode())
+    keys, skipped, err = stream_keys(shards, capsys, **({"image_size": 64} if damage == "bad_warp" else {}))
+    assert skipped >= 1 and words in err and "000001_000003" in err, err
+    assert "000001_000003" not in keys
+    assert {key.split("_")[0] for key in keys} >= {"000000", "000002"}
+
+
+def test_a_compressed_tar_is_refused_without_expanding_it(reference, tmp_path, capsys):
+    import gzip
+
+    shards = copy_set(reference, tmp_path)
+    (shards / shard_name(2)).write_bytes(gzip.compress(bytes(64 << 20), compresslevel=9))  # 64 MB of zeros
+    assert (shards / shard_name(2)).stat().st_size < 1 << 20
+    keys, skipped, err = stream_keys([str(shards / shard_name(k)) for k in range(4)], capsys)
+    assert skipped >= 1 and shard_name(2) in err and "gzip-compressed file, not a plain tar" in err, err
+    assert not any(key.startswith("000002_") for key in keys)
+
+
+def test_a_cut_between_members_is_reported_by_name(reference, tmp_path, capsys):
+    from datagen.shards import iter_tar_samples
+
+    shards = copy_set(reference, tmp_path)
+    tar = shards / shard_name(1)
+    data = tar.read_bytes()
+    first = sum(512 + -(-len(v) // 512) * 512 for k, v in next(iter_tar_samples(tar)).items() if k != "__key__")
+    tar.write_bytes(data[:first + 700])  # one whole sample, then a cut inside the next one's first member
+    keys, skipped, err = stream_keys([str(shards / shard_name(k)) for k in range(4)], capsys)
+    assert skipped >= 1 and shard_name(1) in err and "000001_000000" in err, err
+    assert "000001_000000" in keys and not any(k.startswith("000001_") and k != "000001_000000" for k in keys)
+
+
+def test_verify_shards_skips_a_shard_whose_bytes_changed(reference, tmp_path, capsys):
+    shards = copy_set(reference, tmp_path)
+    tar = shards / shard_name(1)
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit: a lenient reader trains on it
+    tar.write_bytes(bytes(data))
+    config = TrainConfig(positives=2, image_size=96, shuffle_buffer=4)
+    loader = iter(make_loader(shards, config, workers=0, verify=True))
+    seen = [next(loader) for _ in range(12)]
+    keys = {key for batch in seen for key in batch["keys"]}
+    assert not any(key.startswith("000001_") for key in keys)
+    err = capsys.readouterr().err
+    assert shard_name(1) in err and "sha256" in err, err
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(reference / shard_name(0), loose / shard_name(0))  # no manifest beside it
+    with pytest.raises(ValueError, match="manifest"):
+        make_loader([str(tar), str(loose / shard_name(0))], config, workers=0, verify=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -135,13 +136,17 @@ def _shard_set(shards, option: str | None = "--shards"):
               help="Metrics (CSV and TensorBoard) every this many steps.")
 @click.option("--image-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="A picture of predicted masks and correspondences in TensorBoard every this many steps.")
+@click.option("--verify-shards", is_flag=True,
+              help="Check each shard's sha256 against its manifest before reading it (once per loader worker); a "
+                   "shard whose bytes differ is skipped with a warning naming it. Needs the manifest beside the "
+                   "shards.")
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same config and data).")
 @click.option("--force", is_flag=True, help="With --resume: accept a checkpoint of another config or data set.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warmup, milestone, eta, layers, d_model,
         heads, feedforward, ncnet_k, ncnet_kernel_sizes, ncnet_channels, ncnet_symmetric, ncnet_temperature,
-        shuffle_buffer, seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every, resume,
-        force, no_progress):
+        shuffle_buffer, seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every,
+        verify_shards, resume, force, no_progress):
     """Train a network on datagen shards (paper section 3.2, Eq. 2).
 
     The options and --shards are checked first; run.json (the resolved config, data and backbone
@@ -173,7 +178,7 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
                    "smoke tests only and is recorded as such in run.json and the checkpoint.", err=True)
     options = FitOptions(run_dir=run_dir, device=device, workers=workers, checkpoint_every=checkpoint_every,
                          log_every=log_every, image_every=image_every, resume=resume, force=force,
-                         backbone_weights=weights, progress=not no_progress)
+                         backbone_weights=weights, progress=not no_progress, verify_shards=verify_shards)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the backbone keeps its RANDOM")  # said above, once
@@ -187,7 +192,8 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
 @main.command(short_help="Read every sample through the trainer's reader and print counts.")
 @click.argument("shards")
 def inspect(shards):
-    """Read every sample of a shard set through the trainer's reader and print what it holds.
+    """Read every sample of a shard set through the trainer's reader and print what it holds;
+    each unreadable shard or sample is named (exit 1), the reading goes on.
 
     SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
     quoted) or one .tar file.
@@ -196,11 +202,16 @@ def inspect(shards):
 
     _shard_set(shards, option=None)
     try:
-        summary = summarise(shards)
-    except (ValueError, FileNotFoundError) as error:
+        summary, problems = summarise(shards)
+    except (ValueError, OSError) as error:
         _fail(error)
     for key, value in summary.items():
         click.echo(f"{key}: {value}")
+    for problem in problems:
+        click.echo(f"BAD {problem}")
+    if problems:
+        click.echo(f"{len(problems)} unreadable shard(s) or sample(s) skipped", err=True)
+        sys.exit(1)
 
 
 _CKPT_TYPE = click.Path(exists=True, dir_okay=False, path_type=Path)

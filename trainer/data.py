@@ -1,6 +1,7 @@
 """Streaming datagen shards into training batches, through the schema module both sides share.
 
-Shards are read with webdataset's tar streaming; samples are decoded only by
+Shards are read with datagen's strict tar reader (plain tars only, member sizes bounded, a
+corrupt member an error rather than a silent stop); samples are decoded only by
 :func:`datagen.schema.decode_sample` (raw bytes in, arrays out: nothing is ever unpickled).
 Each epoch visits the shards in a new order (seeded by the run seed and the epoch), samples
 pass through a shuffle buffer, and every loader worker reads its own share of the shards. A
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from datagen.pairs import recompute_grids, resize_image
-from datagen.schema import PairSample, SchemaError, decode_sample
+from datagen.schema import PairSample, decode_sample
+from datagen.shards import ShardError, iter_tar_samples, sha256_file
 from datagen.shardset import resolve_shard_set
 
 from .config import TrainConfig
@@ -38,27 +40,33 @@ def dataset_fingerprint(shards) -> str | None:
     return resolve_shard_set(shards).fingerprint
 
 
-def iter_raw(urls: list[str], on_error) -> Iterator[dict]:
-    """Raw samples ``{"__key__": ..., field: bytes}`` of the tar files at ``urls`` in order.
+def iter_raw(urls: list[str], on_error, checksums: dict | None = None, verified: set | None = None) -> Iterator[dict]:
+    """Raw samples ``{"__key__": ..., field: bytes}`` of the tar files at ``urls`` in order, read
+    with datagen's strict reader (:func:`datagen.shards.iter_tar_samples`: plain tars only,
+    member sizes bounded, a corrupt or truncated member is an error, not a silent stop).
 
-    ``on_error(url, exception)`` is called for a shard that cannot be read; the stream goes on
-    with the next shard (a truncated shard yields its complete samples first).
+    ``on_error(url, exception)`` is called for a shard that cannot be read, after its complete
+    samples; the stream goes on with the next shard. ``checksums`` ({url: sha256}): a shard
+    whose bytes do not hash to it is skipped whole (``verified`` remembers the shards already
+    checked, so an epoch does not hash them again).
     """
-    import webdataset.tariterators as tariterators
-
     for url in urls:
-        try:
-            stream = open(url, "rb")
-        except OSError as error:
-            on_error(url, error)
-            continue
-        with stream:
-            source = [{"url": url, "stream": stream}]
+        expected = (checksums or {}).get(url)
+        if expected is not None and (verified is None or url not in verified):
             try:
-                for sample in tariterators.group_by_keys(tariterators.tar_file_expander(source)):
-                    yield {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
-            except Exception as error:  # noqa: BLE001 - a corrupt shard is skipped, not fatal
+                digest = sha256_file(url)
+            except OSError as error:
                 on_error(url, error)
+                continue
+            if digest != expected:
+                on_error(url, ValueError(f"sha256 {digest[:12]} differs from the manifest's {expected[:12]}"))
+                continue
+            if verified is not None:
+                verified.add(url)
+        try:
+            yield from iter_tar_samples(url)
+        except ShardError as error:
+            on_error(url, error)
 
 
 @dataclass
@@ -134,7 +142,8 @@ class PairStream(torch.utils.data.IterableDataset):
     carries ``skipped``: how many shards or samples this worker skipped since its last batch.
     """
 
-    def __init__(self, urls: list[str], config: TrainConfig, start_epoch: int = 0, batch_size: int | None = None):
+    def __init__(self, urls: list[str], config: TrainConfig, start_epoch: int = 0, batch_size: int | None = None,
+                 checksums: dict | None = None):
         super().__init__()
         if not urls:
             raise ValueError("no shards to train on")
@@ -142,6 +151,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.config = config
         self.start_epoch = start_epoch
         self.batch_size = batch_size or config.positives
+        self.checksums = checksums
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -156,16 +166,17 @@ class PairStream(torch.utils.data.IterableDataset):
 
         buffer: list[Example] = []
         batch: list[Example] = []
+        verified: set = set()
         epoch = self.start_epoch
         while True:
             order = list(self.urls)
             random.Random(f"{self.config.seed}:epoch:{epoch}").shuffle(order)
             mine = order[worker::workers] or order[worker % len(order)::len(order)]
             seen = 0
-            for members in iter_raw(mine, on_error):
+            for members in iter_raw(mine, on_error, self.checksums, verified):
                 try:
                     example = to_example(decode_sample(members), self.config, rng)
-                except (SchemaError, KeyError, ValueError) as error:
+                except Exception as error:  # noqa: BLE001 - one bad sample (JSON, warp, mask) is skipped
                     on_error(f"sample {members.get('__key__', '?')}", error)
                     continue
                 seen += 1
@@ -187,10 +198,24 @@ class PairStream(torch.utils.data.IterableDataset):
             epoch += 1
 
 
+def manifest_checksums(shards) -> dict:
+    """{tar path: sha256} of every shard of ``shards`` from its manifest; ValueError naming a
+    shard that no manifest lists (its bytes cannot be checked)."""
+    found = resolve_shard_set(shards)
+    unlisted = [tar.name for tar in found.tars if found.entry(tar) is None]
+    if unlisted:
+        raise ValueError(f"--verify-shards needs each shard's manifest entry; no manifest beside the shards "
+                         f"lists {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}")
+    return {str(tar): found.entry(tar)["sha256"] for tar in found.tars}
+
+
 def make_loader(shards, config: TrainConfig, workers: int, start_epoch: int = 0,
-                batch_size: int | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process)."""
-    stream = PairStream(shard_urls(shards), config, start_epoch, batch_size)
+                batch_size: int | None = None, verify: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process).
+    ``verify``: each shard's sha256 is checked against its manifest before it is read (once per
+    loader process); a shard that differs is skipped with a warning."""
+    checksums = manifest_checksums(shards) if verify else None
+    stream = PairStream(shard_urls(shards), config, start_epoch, batch_size, checksums)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
@@ -204,14 +229,27 @@ def iter_samples(shards) -> Iterator[PairSample]:
         yield decode_sample(members)
 
 
-def summarise(shards) -> dict:
-    """Counts of a shard set: samples, objects per pair, grid and image shapes."""
+def summarise(shards) -> tuple[dict, list[str]]:
+    """(counts, problems) of a shard set read as the trainer reads it: samples, objects per pair,
+    grid and image shapes of the readable samples; one line per unreadable shard or sample."""
     from collections import Counter
 
     objects, grids, images = Counter(), Counter(), Counter()
-    for sample in iter_samples(shards):
-        objects[len(sample.meta["objects"])] += 1
+    problems: list[str] = []
+
+    def note(where, error):
+        problems.append(f"{where}: {error}")
+
+    for members in iter_raw(shard_urls(shards), note):
+        try:
+            sample = decode_sample(members)
+            count = len(sample.meta["objects"])
+        except Exception as error:  # noqa: BLE001 - reported by name, the reading goes on
+            note(f"sample {members.get('__key__', '?')}", error)
+            continue
+        objects[count] += 1
         grids[sample.src_grid_mask.shape] += 1
         images[sample.src_image.shape[:2]] += 1
-    return {"samples": sum(objects.values()), "objects per pair": dict(objects),
-            "grid": dict(grids), "image size": dict(images)}
+    counts = {"samples": sum(objects.values()), "objects per pair": dict(objects), "grid": dict(grids),
+              "image size": dict(images)}
+    return counts, problems

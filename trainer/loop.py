@@ -111,6 +111,9 @@ class FitOptions:
     force: bool = False
     backbone_weights: str = "random"
     progress: bool = True
+    verify_shards: bool = False
+    """Check each shard's sha256 against its manifest before reading it (a shard that differs is
+    skipped with a warning)."""
 
 
 class Trainer:
@@ -236,7 +239,8 @@ class Trainer:
             raise ResumeError(f"--resume: no checkpoint at {self.checkpoint_path}")
         elif self.checkpoint_path.is_file():
             raise ResumeError(f"{self.checkpoint_path} exists: continue it with --resume, or use another --out")
-        loader = make_loader(self.shards, self.config, options.workers, start_epoch=self.step)
+        loader = make_loader(self.shards, self.config, options.workers, start_epoch=self.step,
+                             verify=options.verify_shards)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_run_record()
         logger = MetricsLogger(self.run_dir, resume=options.resume)
