@@ -286,8 +286,9 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
                 rejected[reason] += 1
                 failures += 1
                 if failures >= config.max_attempts:
+                    common = ", ".join(f"{name} {count}" for name, count in rejected.most_common(3))
                     raise BuildError(f"shard {shard_name(shard)}: {failures} attempts in a row failed; "
-                                     f"most common: {rejected.most_common(3)}; last: {row['reason']}") from error
+                                     f"most common: {common}; last: {row['reason']}") from error
             rows.append(row)
             attempt += 1
             if len(pending) >= config.style_batch or accepted == count:

@@ -112,3 +112,13 @@ def test_build_without_coco_root_says_it_uses_the_embedded_sample(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["n_samples"] == 2
     assert manifest["inputs"]["segments"]["options"]["root"].endswith("sample_data/coco")
+
+
+def test_a_shard_whose_every_attempt_fails_says_why_in_words(tmp_path):
+    """At 64 px (a 4 x 4 grid) no pair of the sample has the 9 mask cells a pair needs: the build
+    stops, saying so."""
+    out = tmp_path / "out"
+    result = run_cli(build_args(out, n=2, shard_size=2, extra=["--image-size", "64", "--stride", "16"]), expect=1)
+    message = all_output(result)
+    assert re.search(r"100 attempts in a row failed; most common: small_mask \d+(, \w+ \d+)*; last: ", message), message
+    assert "Traceback" not in message and "[(" not in message
