@@ -175,6 +175,7 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def save(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
