@@ -117,9 +117,9 @@ def render_pair(sample: PairSample, n_lines: int = 24, seed: int = 0, fill: bool
 
     H is the taller image's height (the other is padded at the bottom). Each object id gets an
     outline and, with ``fill``, a tinted overlay; ``n_lines`` lines in distinct colours join
-    source cells to where ``src_to_tgt`` sends them, with small circles at both ends; key and categories are written
-    at the bottom-left. A stylised pair gets a second row below, GAP pixels apart: the
-    stylised source | stylised target, as stored.
+    source cells to where ``src_to_tgt`` sends them, with small circles at both ends; key and
+    categories are written at the bottom-left. A stylised pair gets a second row below, GAP
+    pixels apart: the stylised source | stylised target, as stored.
     """
     src = overlay_mask(sample.src_image, sample.src_mask, fill=fill)
     tgt = overlay_mask(sample.tgt_image, sample.tgt_mask, fill=fill)

@@ -62,6 +62,12 @@ class ShardSet:
     def entry(self, tar: Path) -> dict | None:
         return (self.entries or {}).get(tar)
 
+    @property
+    def declared_samples(self) -> int | None:
+        """The samples the manifest records for these shards, when it lists every one of them."""
+        entries = [self.entry(tar) for tar in self.tars]
+        return sum(int(entry["samples"]) for entry in entries) if entries and None not in entries else None
+
 
 def _checked_names(manifest: dict, path: Path) -> list[str]:
     names = []

@@ -81,7 +81,7 @@ def verify_dir(shards, progress: bool = True) -> VerifyReport:
         report.notes.append(f"{found.spec}: {len(found.tars)} shard(s) of the set in {found.manifest_path} "
                             "checked against its entries; the set's fingerprint needs the whole set")
     entries = [found.entry(tar) for tar in found.tars]
-    total = sum(int(e["samples"]) for e in entries) if None not in entries else None
+    total = found.declared_samples
     measured = []
     with tqdm(total=total, unit="sample", desc="verify", disable=not progress, file=sys.stderr) as bar:
         for tar, entry in zip(found.tars, entries):

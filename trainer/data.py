@@ -20,7 +20,7 @@ import torch
 from datagen.pairs import recompute_grids, resize_image
 from datagen.schema import PairSample, decode_sample
 from datagen.shards import ShardError, iter_tar_samples, sha256_file
-from datagen.shardset import resolve_shard_set
+from datagen.shardset import ShardSet, resolve_shard_set
 
 from .config import TrainConfig
 
@@ -198,10 +198,9 @@ class PairStream(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def manifest_checksums(shards) -> dict:
-    """{tar path: sha256} of every shard of ``shards`` from its manifest; ValueError naming a
-    shard that no manifest lists (its bytes cannot be checked)."""
-    found = resolve_shard_set(shards)
+def manifest_checksums(found: ShardSet) -> dict:
+    """{tar path: sha256} of every shard of a resolved set, from its manifest; ValueError naming
+    a shard that no manifest lists (its bytes cannot be checked)."""
     unlisted = [tar.name for tar in found.tars if found.entry(tar) is None]
     if unlisted:
         raise ValueError(f"--verify-shards needs each shard's manifest entry; no manifest beside the shards "
@@ -214,8 +213,9 @@ def make_loader(shards, config: TrainConfig, workers: int, start_epoch: int = 0,
     """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process).
     ``verify``: each shard's sha256 is checked against its manifest before it is read (once per
     loader process); a shard that differs is skipped with a warning."""
-    checksums = manifest_checksums(shards) if verify else None
-    stream = PairStream(shard_urls(shards), config, start_epoch, batch_size, checksums)
+    found = resolve_shard_set(shards)
+    checksums = manifest_checksums(found) if verify else None
+    stream = PairStream([str(tar) for tar in found.tars], config, start_epoch, batch_size, checksums)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 

@@ -178,8 +178,7 @@ def _sample_count(shards) -> int | None:
         found = resolve_shard_set(shards)
     except (ValueError, OSError):
         return None
-    entries = [found.entry(tar) for tar in found.tars]
-    return sum(int(entry["samples"]) for entry in entries) if entries and None not in entries else None
+    return found.declared_samples
 
 
 class _Tally:

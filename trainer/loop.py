@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datagen.config import config_hash
 
-from .backbone import RANDOM, Backbone, load_backbone_weights, normalise
+from .backbone import Backbone, load_backbone_weights, normalise
 from .config import TrainConfig
 from .data import dataset_fingerprint, make_loader
 from .loss import PairBatch, step_loss
@@ -302,10 +302,6 @@ class Inference(NamedTuple):
     backbone_record: dict
     """Where the backbone's weights came from: ``{"source", "format", "sha256"}``; source "random"
     for a run trained with ``--backbone-weights random``."""
-
-    @property
-    def random_backbone(self) -> bool:
-        return self.backbone_record.get("source") == RANDOM
 
 
 def load_for_inference(path, device: str = "auto") -> Inference:
