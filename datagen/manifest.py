@@ -46,9 +46,12 @@ SAMPLE_ROWS_SCHEMA = pa.schema([
     pa.field("category_ids", pa.list_(pa.int32())),
     pa.field("seed", pa.string()),
     pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("sha256", pa.string()),
 ])
 """One row per attempt of a shard. ``key`` is null and ``bytes`` 0 for rejected attempts;
-``reason`` is null for accepted ones. ``seed`` is a readable string such as
+``reason`` is null for accepted ones. ``sha256`` is the accepted sample's checksum
+(:func:`datagen.shards.sample_sha256`, null for rejected attempts and in sets built before it
+was recorded): ``datagen verify`` names the sample whose bytes changed. ``seed`` is a readable string such as
 ``"root=0 shard=3 attempt=17"``."""
 
 # Fixed writer options: the same rows give the same parquet bytes (with one pyarrow version).
@@ -103,8 +106,9 @@ def _check_row(index: int, row: dict) -> None:
         raise ValueError(f"{where}: status must be one of {STATUSES}, got {status!r}")
     if status == "accepted" and (row.get("key") is None or row.get("reason") is not None):
         raise ValueError(f"{where}: an accepted row needs a key and no reason")
-    if status == "rejected" and (row.get("key") is not None or not row.get("reason")):
-        raise ValueError(f"{where}: a rejected row needs a reason and no key")
+    if status == "rejected" and (row.get("key") is not None or not row.get("reason")
+                                 or row.get("sha256") is not None):
+        raise ValueError(f"{where}: a rejected row needs a reason, and no key or checksum")
 
 
 def sample_rows_table(rows: list[dict]) -> pa.Table:
@@ -128,10 +132,14 @@ def write_sample_rows(rows: list[dict], path) -> Path:
 
 
 def read_sample_rows(path) -> list[dict]:
-    """Read a ``*.samples.parquet`` file back as a list of row dicts."""
+    """Read a ``*.samples.parquet`` file back as a list of row dicts (``sha256`` None in files
+    written before it was recorded)."""
     try:
-        return pq.read_table(path, schema=SAMPLE_ROWS_SCHEMA).to_pylist()
-    except (OSError, pa.ArrowException) as error:
+        table = pq.read_table(path)
+        if "sha256" not in table.column_names:
+            table = table.append_column("sha256", pa.nulls(len(table), pa.string()))
+        return table.select(SAMPLE_ROWS_SCHEMA.names).cast(SAMPLE_ROWS_SCHEMA).to_pylist()
+    except (OSError, KeyError, pa.ArrowException) as error:
         raise ManifestError(f"{path}: unreadable sample rows: {error}") from error
 
 

@@ -241,7 +241,8 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
         for batch, job in in_flight:
             collect_style(job, [sample for sample, _ in batch])
             for sample, row in batch:
-                row["bytes"] = writer.write(encode_sample(sample, config.jpeg_quality))
+                written = writer.write(encode_sample(sample, config.jpeg_quality))
+                row.update(bytes=written.bytes, sha256=written.sha256)
                 if progress is not None:
                     progress(1)
         in_flight.clear()

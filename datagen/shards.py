@@ -18,7 +18,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 SHARD_DIGITS = 6
 MAX_INDEX = 10 ** SHARD_DIGITS - 1
@@ -81,6 +81,27 @@ def sha256_file(path, chunk_size: int = 1 << 20) -> str:
                 break
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sample_sha256(members: dict) -> str:
+    """sha256 hex digest of one sample ``{"__key__": key, field: bytes}``: its key, then each field
+    in sorted order as name, byte length and bytes. Recorded per sample when a shard is written
+    (``*.samples.parquet``), so that damage can be traced to the sample it hit."""
+    digest = hashlib.sha256(str(members.get("__key__", "")).encode("utf-8", "surrogateescape") + b"\0")
+    for field in sorted(name for name in members if name != "__key__"):
+        data = members[field]
+        digest.update(field.encode("utf-8", "surrogateescape") + b"\0" + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+class WrittenSample(NamedTuple):
+    """What :meth:`ShardWriter.write` wrote of one sample."""
+
+    bytes: int
+    """Total bytes of its members' data (tar headers and padding not counted)."""
+    sha256: str
+    """:func:`sample_sha256` of the sample."""
 
 
 class _HashingFile:
@@ -150,8 +171,8 @@ class ShardWriter:
         self._hashing = _HashingFile(self._handle)
         return self
 
-    def write(self, members: dict) -> int:
-        """Add one sample ``{"__key__": key, field: bytes}``; returns the bytes of its members."""
+    def write(self, members: dict) -> WrittenSample:
+        """Add one sample ``{"__key__": key, field: bytes}``; returns its member bytes and checksum."""
         if self._handle is None:
             raise RuntimeError(f"shard {self.path}: write() outside the 'with' block")
         key = members.get("__key__")
@@ -180,7 +201,7 @@ class ShardWriter:
         self._keys.add(key)
         self.count += 1
         self.member_bytes += size
-        return size
+        return WrittenSample(size, sample_sha256(members))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from .manifest import MANIFEST_NAME, ManifestError, load_manifest
+from .manifest import MANIFEST_NAME, ManifestError, fingerprint, load_manifest
 
 FORMS = ("a shard folder, its manifest.json, a brace pattern such as 'shards/shard-{000000..000009}.tar', "
          "or a .tar file")
@@ -55,9 +55,17 @@ class ShardSet:
 
     @property
     def fingerprint(self) -> str | None:
-        """The manifest's fingerprint when the set is the manifest's whole set (as recorded, not
-        recomputed: ``datagen verify`` recomputes it from the bytes)."""
-        return self.manifest["fingerprint"] if self.whole and self.manifest else None
+        """The manifest's fingerprint when the set is the manifest's whole set, after checking that
+        it is the fingerprint of the manifest's own shard list (ManifestError otherwise), so that it
+        stands for the shards' checksums; whether the files have those checksums is for the reader
+        to check (``datagen verify``, ``trainer fit``)."""
+        if not (self.whole and self.manifest):
+            return None
+        recorded = self.manifest["fingerprint"]
+        if fingerprint(self.manifest["config_hash"], self.manifest["shards"]) != recorded:
+            raise ManifestError(f"{self.manifest_path}: its fingerprint {str(recorded)[:12]} is not that of its "
+                                f"shard list (the manifest was edited or damaged)")
+        return recorded
 
     def entry(self, tar: Path) -> dict | None:
         return (self.entries or {}).get(tar)

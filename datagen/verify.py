@@ -2,8 +2,10 @@
 
 The set is named in any form of :mod:`datagen.shardset`. For each shard: the file exists, its
 size and sha256 match its manifest entry, it reads as a tar, it holds the recorded number of
-samples with unique keys, every sample decodes under the schema, and its stored correspondence
-fields and grid masks agree with those recomputed from the sample's JSON warps and source mask.
+samples with unique keys, each sample's bytes match the checksum its build recorded in the shard's
+``*.samples.parquet`` (so that damage is traced to the sample it hit), every sample decodes under
+the schema, and its stored correspondence fields and grid masks agree with those recomputed from
+the sample's JSON warps and source mask.
 For a manifest's whole set, the fingerprint is recomputed from what was measured on disk. Each
 problem names the shard and, where known, the sample.
 """
@@ -16,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import MANIFEST_NAME, fingerprint
+from .manifest import MANIFEST_NAME, ManifestError, fingerprint, read_sample_rows, samples_name
 from .pairs import recompute_grids
 from .schema import SchemaError, decode_sample
-from .shards import ShardError, iter_tar_samples, sha256_file
+from .shards import ShardError, iter_tar_samples, parse_shard_index, sample_sha256, sha256_file
 from .shardset import resolve_shard_set
 
 FLOW_TOLERANCE = 2e-3
@@ -61,6 +63,22 @@ def check_sample_grids(sample) -> list[str]:
         if grid.sum() > 0 and not mask.any():
             problems.append(f"{side}.mask.png is empty but its grid mask is not")
     return problems
+
+
+def recorded_sample_checksums(tar: Path) -> dict | None:
+    """{key: sha256} of the accepted samples of shard ``tar``, from the ``*.samples.parquet`` its build
+    wrote beside it; None when there is none, or it predates per-sample checksums. ManifestError
+    when it cannot be read."""
+    try:
+        rows_path = tar.parent / samples_name(parse_shard_index(tar.name))
+    except ValueError:
+        return None
+    if not rows_path.is_file():
+        return None
+    accepted = [row for row in read_sample_rows(rows_path) if row["status"] == "accepted"]
+    if not accepted or any(row["sha256"] is None for row in accepted):
+        return None
+    return {row["key"]: row["sha256"] for row in accepted}
 
 
 def verify_dir(shards, progress: bool = True) -> VerifyReport:
@@ -116,6 +134,11 @@ def verify_shard(path: Path, entry: dict | None, report: VerifyReport,
     if not path.is_file():
         return [f"{name}: missing"], None, 0
     problems = []
+    try:
+        recorded = recorded_sample_checksums(path)
+    except ManifestError as error:
+        problems.append(f"{name}: {error}")
+        recorded = None
     size = path.stat().st_size
     if entry is not None and size != entry["bytes"]:
         problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
@@ -123,6 +146,7 @@ def verify_shard(path: Path, entry: dict | None, report: VerifyReport,
     if entry is not None and digest != entry["sha256"]:
         problems.append(f"{name}: sha256 {digest[:12]} differs from the manifest's {entry['sha256'][:12]}")
     keys = set()
+    damaged, read_to_end = 0, False
     try:
         for members in iter_tar_samples(path):
             key = members.get("__key__", "?")
@@ -131,6 +155,10 @@ def verify_shard(path: Path, entry: dict | None, report: VerifyReport,
             if key in keys:
                 problems.append(f"{name}: sample {key}: duplicate key")
             keys.add(key)
+            if recorded is not None:
+                mismatches = [f"{name}: sample {key}: {p}" for p in _checksum_problems(members, recorded)]
+                damaged += len(mismatches)
+                problems += mismatches
             try:
                 sample = decode_sample(members)
             except SchemaError as error:
@@ -141,8 +169,27 @@ def verify_shard(path: Path, entry: dict | None, report: VerifyReport,
             except Exception as error:  # noqa: BLE001 - malformed warps in the JSON: reported, not raised
                 problems.append(f"{name}: sample {key}: its grids cannot be recomputed from its JSON "
                                 f"({type(error).__name__}: {error})")
+        read_to_end = True
     except ShardError as error:
         problems.append(f"{name}: unreadable tar: {error}")
     if entry is not None and len(keys) != entry["samples"]:
         problems.append(f"{name}: {len(keys)} samples, manifest says {entry['samples']}")
+    if recorded is not None and read_to_end:
+        absent = sorted(set(recorded) - keys)
+        if absent:
+            problems.append(f"{name}: {len(absent)} recorded sample(s) not in the tar: {', '.join(absent[:3])}"
+                            f"{' ...' if len(absent) > 3 else ''}")
+        if entry is not None and digest != entry["sha256"] and not damaged and not absent:
+            problems.append(f"{name}: every sample matches its recorded checksum: the changed bytes are in "
+                            f"the tar's headers or padding, not in sample data")
     return problems, digest, len(keys)
+
+
+def _checksum_problems(members: dict, recorded: dict) -> list[str]:
+    """Problems of one raw sample against the checksums its build recorded ({key: sha256})."""
+    expected = recorded.get(members["__key__"])
+    if expected is None:
+        return ["not among the samples its build recorded"]
+    if sample_sha256(members) != expected:
+        return ["its bytes differ from the checksum recorded when it was written"]
+    return []

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig, config_hash
 from datagen.manifest import fingerprint, read_sample_rows, read_stats, samples_name, stats_name
 from datagen.schema import SCHEMA_VERSION, decode_npy, encode_npy
-from datagen.shards import ShardWriter, iter_tar_samples, sample_key, shard_name
+from datagen.shards import ShardWriter, iter_tar_samples, sample_key, sample_sha256, shard_name
 from trainer.data import iter_samples
 
 
@@ -326,14 +327,16 @@ def test_sample_parquet_has_one_row_per_attempt(reference):
         rejected = [row for row in rows if row["status"] == "rejected"]
         assert len(accepted) + len(rejected) == len(rows)
         assert len(accepted) == stats["samples"] == entry["samples"]
-        tar_keys = [members["__key__"] for members in iter_tar_samples(reference / entry["name"])]
+        tar_samples = list(iter_tar_samples(reference / entry["name"]))
+        tar_keys = [members["__key__"] for members in tar_samples]
         assert [row["key"] for row in accepted] == tar_keys == [sample_key(k, i) for i in range(len(accepted))]
+        assert [row["sha256"] for row in accepted] == [sample_sha256(members) for members in tar_samples]
         for row in accepted:
             assert row["reason"] is None and row["bytes"] > 0
             assert row["source_image_id"] is not None and row["background_image_id"] is not None
             assert len(row["segment_ids"]) == len(row["category_ids"]) == row["objects"]
         for row in rejected:
-            assert row["key"] is None and row["reason"], row
+            assert row["key"] is None and row["reason"] and row["sha256"] is None, row
         assert Counter(row["reason"].split(":")[0] for row in rejected) == Counter(stats["rejected"])
         accepted_total += len(accepted)
         attempted_total += len(rows)
@@ -416,8 +419,44 @@ def test_verify_catches_altered_correspondences_with_matching_checksums(referenc
 
     result = run_cli(["verify", out, "--quiet"], expect=1)
     bad = [line for line in result.output.splitlines() if line.startswith("BAD")]
-    assert len(bad) == 1, result.output
-    assert shard_name(shard) in bad[0] and f"sample {key}" in bad[0] and "src_to_tgt" in bad[0]
+    assert len(bad) == 2, result.output
+    assert all(shard_name(shard) in line and f"sample {key}" in line for line in bad)
+    assert "differ from the checksum recorded" in bad[0] and "src_to_tgt" in bad[1]
+
+
+def member_data_offset(tar, member_name: str) -> int:
+    """Byte offset of a tar member's data in the file."""
+    with tarfile.open(tar) as archive:
+        return archive.getmember(member_name).offset_data
+
+
+@pytest.mark.parametrize("field", ["src.jpg", "tgt.mask.png", "json"])
+def test_verify_names_the_sample_whose_data_bytes_flipped(reference_copy, field):
+    """A flipped byte inside one sample's data is traced to that sample by the checksum its build
+    recorded, whether or not the damaged member still decodes."""
+    shard, index = 2, 3
+    key = sample_key(shard, index)
+    tar = reference_copy / shard_name(shard)
+    data = bytearray(tar.read_bytes())
+    data[member_data_offset(tar, f"{key}.{field}") + 5] ^= 0x01
+    tar.write_bytes(bytes(data))
+    result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD")]
+    named = [line for line in bad if f"sample {key}" in line]
+    assert any("differ from the checksum recorded" in line for line in named), result.output
+    assert not [line for line in bad if "sample" in line and f"sample {key}" not in line], result.output
+
+
+def test_verify_says_when_only_tar_padding_changed(reference_copy):
+    tar = reference_copy / shard_name(2)
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive.getmembers() if m.size % tarfile.BLOCKSIZE)
+    data = bytearray(tar.read_bytes())
+    data[member.offset_data + member.size] ^= 0x01  # in the zeros that pad the member to a block
+    tar.write_bytes(bytes(data))
+    result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
+    assert "every sample matches its recorded checksum" in result.output
+    assert "differ from the checksum recorded" not in result.output
 
 
 def test_verify_reports_a_missing_shard(reference_copy):

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import all_output, make_runner
 from datagen.cli import main as datagen_main
+from datagen.manifest import samples_name
 from datagen.shards import ShardWriter, iter_tar_samples, sample_key, shard_name
 from trainer.cli import main as trainer_main
 
@@ -46,10 +47,14 @@ def damage(out, kind: str) -> str:
         del manifest["shards"][BAD_SHARD]["sha256"]
         (out / "manifest.json").write_text(json.dumps(manifest))
         return "shard entry 1: sha256"
+    if kind == "garbled_sample_rows":
+        (out / samples_name(BAD_SHARD)).write_bytes(b"PAR1 not parquet at all")
+        return samples_name(BAD_SHARD)
     raise ValueError(kind)
 
 
-KINDS = ["json_is_a_list", "warp_is_garbage", "truncated_tar", "nested_manifest", "entry_without_checksum"]
+KINDS = ["json_is_a_list", "warp_is_garbage", "truncated_tar", "nested_manifest", "entry_without_checksum",
+         "garbled_sample_rows"]
 
 
 def run(main, args):
@@ -63,11 +68,12 @@ def test_verify_reports_and_goes_on(reference_copy, kind):
     words = damage(reference_copy, kind)
     result, text = run(datagen_main, ["verify", reference_copy, "--quiet"])
     assert result.exit_code == 1 and words in text and "Traceback" not in text, text
-    if kind in ("json_is_a_list", "warp_is_garbage"):  # the other shards were read in full
+    if kind in ("json_is_a_list", "warp_is_garbage", "garbled_sample_rows"):  # the others were read in full
         assert "20 samples in 4 shards checked" in text, text
 
 
-@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind != "warp_is_garbage"])  # warps: verify's job
+@pytest.mark.parametrize("kind", [kind for kind in KINDS  # warps and sample rows: verify's job
+                                  if kind not in ("warp_is_garbage", "garbled_sample_rows")])
 def test_inspect_reports_and_goes_on(reference_copy, kind):
     words = damage(reference_copy, kind)
     result, text = run(trainer_main, ["inspect", reference_copy])

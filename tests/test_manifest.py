@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,10 +20,10 @@ def make_rows(shard: int = 3) -> list[dict]:
     return [
         {"shard": shard, "attempt": 0, "key": None, "status": "rejected", "reason": "mask_too_small",
          "objects": 1, "source_image_id": 11, "background_image_id": 12, "segment_ids": [5],
-         "category_ids": [18], "seed": f"root=0 shard={shard} attempt=0", "bytes": 0},
+         "category_ids": [18], "seed": f"root=0 shard={shard} attempt=0", "bytes": 0, "sha256": None},
         {"shard": shard, "attempt": 1, "key": sample_key(shard, 0), "status": "accepted", "reason": None,
          "objects": 2, "source_image_id": 13, "background_image_id": 14, "segment_ids": [6, 7],
-         "category_ids": [1, 3], "seed": f"root=0 shard={shard} attempt=1", "bytes": 12345},
+         "category_ids": [1, 3], "seed": f"root=0 shard={shard} attempt=1", "bytes": 12345, "sha256": "ab" * 32},
     ]
 
 
@@ -51,6 +52,15 @@ def test_sample_rows_deterministic_and_readable(tmp_path):
     changed = [dict(rows[0]), dict(rows[1], bytes=1)]
     c = write_sample_rows(changed, tmp_path / "c" / samples_name(3))
     assert c.read_bytes() != a.read_bytes()
+
+
+def test_sample_rows_written_before_checksums_read_back_with_none(tmp_path):
+    """A rows file of a set built before per-sample checksums were recorded still reads."""
+    rows = make_rows()
+    old_schema = pa.schema([field for field in SAMPLE_ROWS_SCHEMA if field.name != "sha256"])
+    old = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "sha256"} for row in rows], schema=old_schema)
+    pq.write_table(old, tmp_path / samples_name(3))
+    assert read_sample_rows(tmp_path / samples_name(3)) == [dict(row, sha256=None) for row in rows]
 
 
 def test_sample_rows_missing_optional_columns_are_null(tmp_path):

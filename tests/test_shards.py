@@ -10,7 +10,7 @@ import pytest
 
 from datagen.schema import PairSample, decode_sample, encode_sample
 from datagen.shards import (ShardError, ShardWriter, iter_tar_samples, parse_shard_index, sample_key,
-                            sha256_file, shard_name)
+                            sample_sha256, sha256_file, shard_name)
 from synthetic import shifted_square_pair
 
 
@@ -55,6 +55,29 @@ def test_identical_input_gives_identical_bytes(tmp_path):
     changed = samples[:2] + [make_sample(sample_key(0, 2), shift=4, seed=2)]
     third = write_shard(tmp_path / "c" / shard_name(0), changed)
     assert third.sha256 != first.sha256
+
+
+def test_sample_checksum_is_what_reads_back_and_changes_with_any_byte(tmp_path):
+    """write() returns each sample's checksum; the reader's members hash to the same value, and a
+    changed byte, a renamed field, a moved byte between fields or another key changes it."""
+    samples = [encode_sample(make_sample(sample_key(0, i), seed=i), 90) for i in range(2)]
+    with ShardWriter(tmp_path / shard_name(0)) as writer:
+        written = [writer.write(members) for members in samples]
+    read = list(iter_tar_samples(tmp_path / shard_name(0)))
+    assert [w.sha256 for w in written] == [sample_sha256(m) for m in read] == [sample_sha256(m) for m in samples]
+    assert [w.bytes for w in written] == [sum(len(v) for k, v in m.items() if k != "__key__") for m in samples]
+    members = read[0]
+    flipped = bytearray(members["src.jpg"])
+    flipped[len(flipped) // 2] ^= 1
+    variants = [
+        dict(members, **{"src.jpg": bytes(flipped)}),
+        {("src.jpeg" if k == "src.jpg" else k): v for k, v in members.items()},
+        dict(members, __key__=sample_key(0, 9)),
+        {"__key__": "k", "a": b"xy", "b": b"z"},
+    ]
+    digests = {sample_sha256(m) for m in variants} | {sample_sha256(members)}
+    assert len(digests) == 5
+    assert sample_sha256({"__key__": "k", "a": b"xy", "b": b"z"}) != sample_sha256({"__key__": "k", "a": b"x", "b": b"yz"})
 
 
 def test_tar_members_are_reproducible(tmp_path):

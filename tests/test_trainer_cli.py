@@ -3,6 +3,7 @@ run.json, the random-backbone warning, --version, and what the pictures say."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 
@@ -75,7 +76,19 @@ def test_fit_writes_run_json_with_the_resolved_milestone_and_warns_once(referenc
     assert record["config"]["milestone"] == 1 and record["config"]["image_size"] == 64
     assert record["backbone"]["source"] == "random"
     assert record["dataset_fingerprint"] == json.loads((reference / "manifest.json").read_text())["fingerprint"]
+    assert record["shards_checked"] is True  # the fingerprint it records stands for bytes it checked
     assert (run / "checkpoint.pt").is_file()
+
+
+def test_fit_refuses_a_manifest_whose_fingerprint_is_not_its_shard_lists_at_once(reference, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(reference, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    result = trainer_cli("fit", "--shards", shards, "--out", tmp_path / "run", *TINY)
+    assert result.exit_code == 2 and "not that of its shard list" in all_output(result), all_output(result)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_that_fails_before_training_leaves_no_run_json(reference, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from datagen.pairs import recompute_grids
 from datagen.shards import shard_name
 from trainer.config import TrainConfig
-from trainer.data import PairStream, iter_samples, make_loader, shard_urls, to_example
+from trainer.data import PairStream, dataset_fingerprint, iter_samples, make_loader, shard_urls, to_example
 
 
 def test_shard_urls_from_directory_manifest_pattern_and_list(reference):
@@ -208,3 +208,39 @@ def test_verify_shards_skips_a_shard_whose_bytes_changed(reference, tmp_path, ca
     shutil.copy(reference / shard_name(0), loose / shard_name(0))  # no manifest beside it
     with pytest.raises(ValueError, match="manifest"):
         make_loader([str(tar), str(loose / shard_name(0))], config, workers=0, verify=True)
+
+
+def test_shards_are_checked_by_default_and_not_when_asked(reference, tmp_path, capsys):
+    """By default the trainer checks the bytes of every shard a manifest lists (the fingerprint
+    it records stands for them), warns about those none lists, and checks none on request."""
+    shards = copy_set(reference, tmp_path)
+    tar = shards / shard_name(1)
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tar.write_bytes(bytes(data))
+    config = TrainConfig(positives=2, image_size=96, shuffle_buffer=4)
+
+    def keys_of(loader):
+        batches = iter(loader)
+        return {key for _ in range(12) for key in next(batches)["keys"]}
+
+    assert not any(key.startswith("000001_") for key in keys_of(make_loader(shards, config, workers=0)))
+    assert "sha256" in capsys.readouterr().err
+    unchecked = keys_of(make_loader(shards, config, workers=0, verify=False))
+    assert any(key.startswith("000001_") for key in unchecked)  # flipped bytes in the JPEG or PNG data decode
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(reference / shard_name(0), loose / shard_name(0))
+    make_loader([str(tar), str(loose / shard_name(0))], config, workers=0)
+    err = capsys.readouterr().err
+    assert "1 shard(s) are not listed" in err and shard_name(0) in err, err
+
+
+def test_a_manifest_whose_fingerprint_is_not_its_shard_lists_is_refused(reference, tmp_path):
+    shards = copy_set(reference, tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = "0" * 64  # the listed checksum changed, the fingerprint kept
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not that of its shard list"):
+        dataset_fingerprint(shards)

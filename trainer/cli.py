@@ -65,7 +65,9 @@ def _shard_set(shards, option: str | None = "--shards"):
     from datagen.shardset import resolve_shard_set
 
     try:
-        return resolve_shard_set(shards)
+        found = resolve_shard_set(shards)
+        found.fingerprint  # noqa: B018 - a manifest whose fingerprint is not its shard list's is refused here
+        return found
     except (ValueError, OSError) as error:
         if option is None:
             raise click.BadParameter(str(error), param_hint="SHARDS") from error
@@ -136,10 +138,11 @@ def _shard_set(shards, option: str | None = "--shards"):
               help="Metrics (CSV and TensorBoard) every this many steps.")
 @click.option("--image-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="A picture of predicted masks and correspondences in TensorBoard every this many steps.")
-@click.option("--verify-shards", is_flag=True,
+@click.option("--verify-shards/--no-verify-shards", default=None,
               help="Check each shard's sha256 against its manifest before reading it (once per loader worker); a "
-                   "shard whose bytes differ is skipped with a warning naming it. Needs the manifest beside the "
-                   "shards.")
+                   "shard whose bytes differ is skipped with a warning naming it. Default: the shards a manifest "
+                   "beside them lists, with a warning naming the others; --verify-shards: every shard (an error "
+                   "if one is not listed); --no-verify-shards: none (saves one read of each shard).")
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same config and data).")
 @click.option("--force", is_flag=True, help="With --resume: accept a checkpoint of another config or data set.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

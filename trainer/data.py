@@ -198,23 +198,33 @@ class PairStream(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def manifest_checksums(found: ShardSet) -> dict:
-    """{tar path: sha256} of every shard of a resolved set, from its manifest; ValueError naming
-    a shard that no manifest lists (its bytes cannot be checked)."""
+def manifest_checksums(found: ShardSet, verify: bool | None = None) -> dict | None:
+    """{tar path: sha256} of the shards of a resolved set to check before reading, from its manifest.
+
+    ``verify`` True: every shard (ValueError naming a shard that no manifest lists: its bytes
+    cannot be checked); None (the default): the shards a manifest lists, with a warning naming
+    the others; False: none (None is returned)."""
+    if verify is False:
+        return None
     unlisted = [tar.name for tar in found.tars if found.entry(tar) is None]
     if unlisted:
-        raise ValueError(f"--verify-shards needs each shard's manifest entry; no manifest beside the shards "
-                         f"lists {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}")
-    return {str(tar): found.entry(tar)["sha256"] for tar in found.tars}
+        names = f"{', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''}"
+        if verify:
+            raise ValueError(f"--verify-shards needs each shard's manifest entry; no manifest beside the shards "
+                             f"lists {names}")
+        print(f"WARNING: {len(unlisted)} shard(s) are not listed by a manifest beside them; their bytes "
+              f"cannot be checked: {names}", file=sys.stderr)
+    return {str(tar): found.entry(tar)["sha256"] for tar in found.tars if found.entry(tar) is not None}
 
 
 def make_loader(shards, config: TrainConfig, workers: int, start_epoch: int = 0,
-                batch_size: int | None = None, verify: bool = False) -> torch.utils.data.DataLoader:
+                batch_size: int | None = None, verify: bool | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process).
-    ``verify``: each shard's sha256 is checked against its manifest before it is read (once per
-    loader process); a shard that differs is skipped with a warning."""
+    ``verify`` (see :func:`manifest_checksums`): each shard's sha256 is checked against its
+    manifest before it is read (once per loader process); a shard that differs is skipped with
+    a warning."""
     found = resolve_shard_set(shards)
-    checksums = manifest_checksums(found) if verify else None
+    checksums = manifest_checksums(found, verify)
     stream = PairStream([str(tar) for tar in found.tars], config, start_epoch, batch_size, checksums)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -111,9 +111,10 @@ class FitOptions:
     force: bool = False
     backbone_weights: str = "random"
     progress: bool = True
-    verify_shards: bool = False
+    verify_shards: bool | None = None
     """Check each shard's sha256 against its manifest before reading it (a shard that differs is
-    skipped with a warning)."""
+    skipped with a warning): None, the shards a manifest lists; True, every shard (an error if one
+    is not listed); False, none."""
 
 
 class Trainer:
@@ -220,7 +221,8 @@ class Trainer:
         config = {**self.config.to_dict(), "milestone": self.config.milestone_step}
         record = {"config": config, "config_hash": config_hash(self.config), "shards": str(self.shards),
                   "dataset_fingerprint": self.fingerprint, "backbone": self.backbone_record,
-                  "start_step": self.step, "device": str(self.device), "segswap_version": datagen.__version__}
+                  "start_step": self.step, "device": str(self.device), "segswap_version": datagen.__version__,
+                  "shards_checked": self.options.verify_shards is not False}
         path = self.run_dir / "run.json"
         path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         return path
