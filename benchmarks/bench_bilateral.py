@@ -1,11 +1,11 @@
-"""Seconds per image and peak memory of the bilateral solver (``datagen.bilateral``).
+"""Seconds per image and peak memory of the bilateral solver (``datagen.segments.bilateral``).
 
     python benchmarks/bench_bilateral.py [--sizes 480,1024] [--repeats 3]
 
 Images: scikit-image's colour photographs (the ``test`` extra), resized so that their long side
 is each size (area interpolation down, cubic up). Target: a coarse mask, an ellipse drawn at
 1/16 of the image and upsampled nearest, as a patch-level mask upsampled to the image would be;
-confidence: ones; default :class:`~datagen.bilateral.SolverConfig`. Printed for each size:
+confidence: ones; default :class:`~datagen.segments.bilateral.SolverConfig`. Printed for each size:
 
 1. seconds per image for the whole ``bilateral_solve`` (median over images of the best of
    ``--repeats`` calls), and within it the grid construction and the 25 CG iterations alone;
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datagen.bilateral import BilateralGrid, SolverConfig, bilateral_solve, build_system, solve  # noqa: E402
+from datagen.segments.bilateral import BilateralGrid, SolverConfig, bilateral_solve, build_system, solve  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry")
 

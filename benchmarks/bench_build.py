@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datagen.config import BuildConfig, WarpConfig  # noqa: E402
-from datagen.pairs import PairBuilder, Rejected  # noqa: E402
-from datagen.sampling import Sampler, attempt_rng  # noqa: E402
-from datagen.schema import encode_sample  # noqa: E402
-from datagen.segments import SegmentBank, write_bank  # noqa: E402
-from datagen.shards import ShardWriter  # noqa: E402
-from datagen.sources.coco import CocoSource  # noqa: E402
+from datagen.synth.pairs import PairBuilder, Rejected  # noqa: E402
+from datagen.synth.sampling import Sampler, attempt_rng  # noqa: E402
+from datagen.format.schema import encode_sample  # noqa: E402
+from datagen.segments.bank import SegmentBank, write_bank  # noqa: E402
+from datagen.format.shards import ShardWriter  # noqa: E402
+from datagen.segments.coco_source import CocoSource  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from released_generator import ReleasedGeneratorSteps  # noqa: E402
@@ -178,8 +178,8 @@ def codec_floors(images: Path, quality: int, size: int = 480, count: int = 40, r
     """Milliseconds per pair that JPEG decoding (two inputs, as the builder loads them) and JPEG
     encoding (two size x size outputs) take alone on the first ``count`` images: the stages'
     floors. Best of ``repeats``."""
-    from datagen.imageio import load_rgb
-    from datagen.schema import encode_jpeg
+    from datagen.format.imageio import load_rgb
+    from datagen.format.schema import encode_jpeg
 
     paths = sorted(images.glob("*.jpg"))[:count]
     resized = [cv2.resize(load_rgb(path), (size, size), interpolation=cv2.INTER_LINEAR) for path in paths]

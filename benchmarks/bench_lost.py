@@ -34,10 +34,10 @@ def one_size(size: int, count: int, threads: int) -> dict:
     import cv2
     import torch
 
-    from datagen.dino import image_batch, last_keys, make_vit, padded_grid
-    from datagen.imageio import load_rgb
-    from datagen.lost import lost
-    from datagen.refine import refine_mask, upsample_patches
+    from datagen.segments.dino import image_batch, last_keys, make_vit, padded_grid
+    from datagen.format.imageio import load_rgb
+    from datagen.segments.lost import lost
+    from datagen.segments.refine import refine_mask, upsample_patches
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

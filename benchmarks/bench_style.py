@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datagen.config import BuildConfig  # noqa: E402
-from datagen.run import SourceSpec, StyleSpec, build  # noqa: E402
+from datagen.build.run import SourceSpec, StyleSpec, build  # noqa: E402
 from datagen.style.adain import AdainStylizer  # noqa: E402
 from datagen.style.adain_net import ENCODER_MODULES, make_decoder, make_full_vgg  # noqa: E402
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datagen.config import BuildConfig  # noqa: E402
-from datagen.run import SourceSpec, build  # noqa: E402
+from datagen.build.run import SourceSpec, build  # noqa: E402
 from trainer.config import TrainConfig, TransformerConfig  # noqa: E402
 from trainer.data import make_loader, shard_urls  # noqa: E402
 from trainer.evaluate import evaluate_model  # noqa: E402

@@ -86,8 +86,8 @@ def check_lost(tmp: Path, device: str, quick: bool) -> None:
     import numpy as np
     import torch
 
-    from datagen.dino import make_vit
-    from datagen.segments import SegmentBank
+    from datagen.segments.dino import make_vit
+    from datagen.segments.bank import SegmentBank
 
     images = tmp / "lost-images"
     images.mkdir()

@@ -42,7 +42,7 @@ DILATION_ITERATIONS = 20
 
 
 class ReleasedGeneratorSteps:
-    """Executes :class:`datagen.sampling.PairPlan` s (one object) the released generator's way.
+    """Executes :class:`datagen.synth.sampling.PairPlan` s (one object) the released generator's way.
 
     ``annotations``: the COCO instances file of the bank's images (for the polygons the released
     script rasterises); ``bank``: our segment bank (plan rows -> annotation ids, image paths

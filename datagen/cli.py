@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from .config import BLEND_METHODS, OBJECT_MODES, STYLE_METHODS, BuildConfig, WarpConfig, config_hash
-from .sources import SOURCES
+from datagen.config import BLEND_METHODS, OBJECT_MODES, STYLE_METHODS, BuildConfig, WarpConfig
+from datagen.format.hashing import config_hash
+from datagen.segments import SOURCES
 
 SAMPLE_ROOT = Path(__file__).parent / "sample_data" / "coco"
 
@@ -20,7 +21,7 @@ def _say(message: str) -> None:
 def _source_spec(segments: str, coco_root, coco_split: str, images=None, dino_weights=None,
                  max_size: int = 1024, device: str = "auto", progress: bool = True):
     """The :class:`SourceSpec` of the source options; usage errors name the option."""
-    from .run import SourceSpec
+    from datagen.build.run import SourceSpec
 
     if segments == "coco":
         if coco_root is None:
@@ -56,7 +57,7 @@ def _resolve_style(style: str, style_dir):
     """The style method to use: 'auto' becomes 'adain' when its weights are found (else the error
     names the files and the alternatives); 'adain' and 'color' need --style-dir."""
     if style == "auto":
-        from .style.adain_net import StyleWeightsError, find_adain_weights
+        from datagen.style.adain_net import StyleWeightsError, find_adain_weights
 
         try:
             find_adain_weights()
@@ -173,8 +174,8 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
     Re-running the same command resumes an interrupted build (only unfinished shards are
     rebuilt); a larger --n extends it.
     """
-    from .lock import LockedError
-    from .run import BuildError, StyleSpec, build as run_build, default_workers
+    from datagen.build.lock import LockedError
+    from datagen.build.run import BuildError, StyleSpec, build as run_build, default_workers
 
     objects = _objects_for(segments, objects)
     style = _resolve_style(style, style_dir)
@@ -256,7 +257,7 @@ def segments_scan(segments, coco_root, coco_split, images, dino_weights, max_siz
     Example: datagen segments --source lost --images artworks/ --out bank/ (then `datagen segments eval
     --help` to score it against ground-truth masks).
     """
-    from .run import prepare_bank
+    from datagen.build.run import prepare_bank
 
     spec = _source_spec(segments, coco_root, coco_split, images, dino_weights, max_size, device,
                         progress=not no_progress)
@@ -289,7 +290,7 @@ def segments_eval(bank_dir, gt_dir, json_path):
     pixel accuracy, for LOST alone and for LOST + bilateral solver."""
     import json
 
-    from .saliency_eval import evaluate
+    from datagen.segments.saliency_eval import evaluate
 
     try:
         report = evaluate(bank_dir, gt_dir, progress=True)
@@ -320,7 +321,7 @@ def verify(shards, quiet):
     quoted) or one .tar file. Shards named by a pattern or one by one are checked against the
     entries of their folder's manifest.
     """
-    from .verify import verify_dir
+    from datagen.verify import verify_dir
 
     report = verify_dir(shards, progress=not quiet)
     for note in report.notes:
@@ -349,8 +350,8 @@ def preview(shards, out_path, n, seed, fill):
     SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
     quoted) or one .tar file.
     """
-    from .preview import write_preview
-    from .shardset import resolve_shard_set
+    from datagen.preview import write_preview
+    from datagen.format.shardset import resolve_shard_set
 
     problems: list[str] = []
     try:
@@ -425,8 +426,8 @@ def style_train(style_dir, content_dir, vgg_path, out_path, decoder_init, steps,
     """
     from tqdm import tqdm
 
-    from .style import StyleError
-    from .style.train import preview_path, train_decoder
+    from datagen.style import StyleError
+    from datagen.style.train import preview_path, train_decoder
 
     started = time.perf_counter()
     try:

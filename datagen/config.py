@@ -1,15 +1,13 @@
 """Typed configuration of a build, with the paper's defaults.
 
 Everything that changes the bytes of a shard lives in :class:`BuildConfig`; its
-:func:`config_hash` goes into every manifest so two shard sets can be compared.
+:func:`datagen.format.hashing.config_hash` goes into every manifest so two shard sets can be compared.
 Paths to inputs are not part of the hash (moving COCO must not change it); they are
 recorded beside it in the manifest.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 OBJECT_MODES = ("1", "2", "mix")
@@ -54,7 +52,7 @@ class BuildConfig:
     """How pairs are built and written. Defaults follow the paper and its released code."""
 
     segments: str = "coco"
-    """Segment source name (see datagen.sources)."""
+    """Segment source name (see datagen.segments)."""
     min_area: float = 1024.0
     """Segments with a smaller mask area (pixels at the image's own resolution) are skipped."""
     image_size: int = 480
@@ -134,11 +132,3 @@ class BuildConfig:
         return cls(warp=WarpConfig(**warp), **data)
 
 
-def canonical_json(data) -> str:
-    """JSON with sorted keys and no whitespace: the form that is hashed."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def config_hash(config) -> str:
-    """sha256 of a config dataclass's canonical JSON (``config.to_dict()``)."""
-    return hashlib.sha256(canonical_json(config.to_dict()).encode()).hexdigest()

@@ -1,6 +1,6 @@
 """``datagen verify``: check a shard set against its manifest and its own warps.
 
-The set is named in any form of :mod:`datagen.shardset`. For each shard: the file exists, its
+The set is named in any form of :mod:`datagen.format.shardset`. For each shard: the file exists, its
 size and sha256 match its manifest entry, it reads as a tar, it holds the recorded number of
 samples with unique keys, each sample's bytes match the checksum its build recorded in the shard's
 ``*.samples.parquet`` (so that damage is traced to the sample it hit), every sample decodes under
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import MANIFEST_NAME, ManifestError, fingerprint, read_sample_rows, samples_name
-from .pairs import recompute_grids
-from .schema import SchemaError, decode_sample
-from .shards import ShardError, iter_tar_samples, parse_shard_index, sample_sha256, sha256_file
-from .shardset import resolve_shard_set
+from datagen.format.manifest import MANIFEST_NAME, ManifestError, fingerprint, read_sample_rows, samples_name
+from datagen.format.grids import recompute_grids
+from datagen.format.schema import SchemaError, decode_sample
+from datagen.format.shards import ShardError, iter_tar_samples, parse_shard_index, sample_sha256
+from datagen.format.hashing import sha256_file
+from datagen.format.shardset import resolve_shard_set
 
 FLOW_TOLERANCE = 2e-3
 """Largest allowed |stored - recomputed| of normalised coordinates inside the mask (float16 rounding
@@ -82,7 +83,7 @@ def recorded_sample_checksums(tar: Path) -> dict | None:
 
 
 def verify_dir(shards, progress: bool = True) -> VerifyReport:
-    """Verify a shard set (any form of :func:`datagen.shardset.resolve_shard_set`); never raises
+    """Verify a shard set (any form of :func:`datagen.format.shardset.resolve_shard_set`); never raises
     for bad data. Each shard is checked against its manifest entry when its manifest lists it; for
     a manifest's whole set, the fingerprint is recomputed from the checksums and sample counts
     measured on disk and compared with the manifest's."""

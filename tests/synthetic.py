@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.schema import PairSample
+from datagen.format.schema import PairSample
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco"
 """The embedded sample: 60 real COCO images (longer side 400 px) with their instance polygons,

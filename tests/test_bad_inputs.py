@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import all_output, build_args, run_cli, shard_files
 from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
-from datagen.manifest import read_sample_rows
+from datagen.format.manifest import read_sample_rows
 
 N_PAIRS = 30
 SHARD_SIZE = 15

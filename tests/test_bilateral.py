@@ -8,7 +8,7 @@ from scipy.sparse import diags
 from scipy.sparse.linalg import cg, spsolve
 from skimage import data
 
-from datagen.bilateral import (BilateralGrid, SolverConfig, bilateral_solve, bistochastize, build_system,
+from datagen.segments.bilateral import (BilateralGrid, SolverConfig, bilateral_solve, bistochastize, build_system,
                                conjugate_gradient, rgb_to_yuv, solve)
 
 

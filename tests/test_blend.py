@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from datagen.blend import blend, blend_into
+from datagen.synth.blend import blend, blend_into
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_dst_solver_solves_the_normal_clone_equations_exactly():
     from scipy.sparse import diags, identity, kron
     from scipy.sparse.linalg import spsolve
 
-    from datagen.blend import _poisson_interior
+    from datagen.synth.blend import _poisson_interior
 
     rng = np.random.default_rng(0)
     h, w = 23, 31

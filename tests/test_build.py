@@ -18,10 +18,11 @@ import pytest
 from conftest import (REFERENCE_N, REFERENCE_SHARD_SIZE, REFERENCE_SHARDS, all_output, build_args,
                       output_files, run_cli, shard_files)
 from datagen.cli import SAMPLE_ROOT
-from datagen.config import BuildConfig, config_hash
-from datagen.manifest import fingerprint, read_sample_rows, read_stats, samples_name, stats_name
-from datagen.schema import SCHEMA_VERSION, decode_npy, encode_npy
-from datagen.shards import ShardWriter, iter_tar_samples, sample_key, sample_sha256, shard_name
+from datagen.config import BuildConfig
+from datagen.format.hashing import config_hash
+from datagen.format.manifest import fingerprint, read_sample_rows, read_stats, samples_name, stats_name
+from datagen.format.schema import SCHEMA_VERSION, decode_npy, encode_npy
+from datagen.format.shards import ShardWriter, iter_tar_samples, sample_key, sample_sha256, shard_name
 from trainer.data import iter_samples
 
 
@@ -168,7 +169,7 @@ def test_workers_end_with_their_build_and_the_rerun_equals_an_uninterrupted_buil
 
 
 def test_a_second_build_on_the_same_folder_stops_at_once_naming_the_first(reference_copy):
-    from datagen.lock import OutputLock
+    from datagen.build.lock import OutputLock
 
     before = file_ids(reference_copy, "shard-*")
     with OutputLock(reference_copy, "datagen build"):
@@ -190,14 +191,14 @@ def test_temporary_files_of_a_killed_build_are_removed_by_the_next(reference_cop
 
 def test_resuming_with_a_current_bank_does_not_load_the_annotations_again(reference, reference_copy, monkeypatch):
     """Parsing COCO's annotations takes a minute: a resume whose bank matches skips it."""
-    import datagen.run
+    import datagen.build.run
 
     (reference_copy / stats_name(2)).unlink()
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the source was loaded although its bank is current")
 
-    monkeypatch.setattr(datagen.run, "get_source", no_loading)
+    monkeypatch.setattr(datagen.build.run, "get_source", no_loading)
     run_cli(build_args(reference_copy))
     assert_same_outputs(reference_copy, reference)
 
@@ -515,10 +516,10 @@ def test_a_place_that_cannot_be_written_fails_before_any_work(tmp_path, where):
 def test_a_full_disk_mid_build_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     import errno
 
-    import datagen.shards
+    import datagen.format.shards
 
     out = tmp_path / "out"
-    original = datagen.shards._HashingFile.write
+    original = datagen.format.shards._HashingFile.write
     calls = {"n": 0}
 
     def filling_up(self, data):
@@ -527,7 +528,7 @@ def test_a_full_disk_mid_build_is_one_line_and_leaves_no_temporary_file(tmp_path
             raise OSError(errno.ENOSPC, "No space left on device", str(self.handle.name))
         return original(self, data)
 
-    monkeypatch.setattr(datagen.shards._HashingFile, "write", filling_up)
+    monkeypatch.setattr(datagen.format.shards._HashingFile, "write", filling_up)
     result = run_cli(build_args(out), expect=1)
     message = all_output(result)
     assert "No space left on device" in message and ".tar.tmp" in message and "Traceback" not in message

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import all_output, build_args, make_runner, run_cli
 from datagen.cli import main
-from datagen.segments import SegmentBank
+from datagen.segments.bank import SegmentBank
 
 
 @pytest.mark.parametrize("extra, words", [

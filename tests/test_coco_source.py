@@ -8,9 +8,9 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
-from datagen.sources import SOURCES, get_source
-from datagen.sources.coco import CocoSource, NotCocoError, coco_paths
+from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
+from datagen.segments import SOURCES, get_source
+from datagen.segments.coco_source import CocoSource, NotCocoError, coco_paths
 from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 
 ANNOTATIONS = SAMPLE_ANNOTATIONS

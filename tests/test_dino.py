@@ -1,4 +1,4 @@
-"""DINO ViT-S/16 weights and features (datagen.dino); nothing is downloaded: state dicts with the
+"""DINO ViT-S/16 weights and features (datagen.segments.dino); nothing is downloaded: state dicts with the
 official key names get random values."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from datagen.dino import (DINO_ENV, DINO_FILE, DINO_URL, IMAGENET_MEAN, DinoWeightsError, find_dino_weights,
+from datagen.segments.dino import (DINO_ENV, DINO_FILE, DINO_URL, IMAGENET_MEAN, DinoWeightsError, find_dino_weights,
                           dino_pos_embed, image_batch, last_keys, load_dino, make_vit)
-from official_weights import official_shapes, official_state
+from official_weights import official_state
 
 
 @pytest.fixture(scope="module")

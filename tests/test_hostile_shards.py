@@ -8,8 +8,8 @@ import pytest
 
 from conftest import all_output, make_runner
 from datagen.cli import main as datagen_main
-from datagen.manifest import samples_name
-from datagen.shards import ShardWriter, iter_tar_samples, sample_key, shard_name
+from datagen.format.manifest import samples_name
+from datagen.format.shards import ShardWriter, iter_tar_samples, sample_key, shard_name
 from trainer.cli import main as trainer_main
 
 BAD_SHARD, BAD_INDEX = 1, 2

@@ -1,4 +1,4 @@
-"""datagen.imageio on a real COCO image (from the embedded sample) and corrupted copies of them."""
+"""datagen.format.imageio on a real COCO image (from the embedded sample) and corrupted copies of them."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.imageio import BadInput, check_jpeg_complete, load_rgb
+from datagen.format.imageio import BadInput, check_jpeg_complete, load_rgb
 from synthetic import SAMPLE_IMAGES
 
 JPEG = SAMPLE_IMAGES / "000000000009.jpg"  # 400 x 300
@@ -188,7 +188,7 @@ def test_grayscale_jpeg_becomes_rgb(tmp_path, rgb):
 
 
 def test_header_size_reads_jpeg_and_png_headers_without_decoding(jpeg, tmp_path, rgb):
-    from datagen.imageio import header_size
+    from datagen.format.imageio import header_size
 
     assert header_size(jpeg.read_bytes()) == (400, 300)
     png = write_png(tmp_path / "image.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)[:37, :51])

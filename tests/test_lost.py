@@ -1,11 +1,11 @@
-"""LOST's maths on hand-built patch features (datagen.lost)."""
+"""LOST's maths on hand-built patch features (datagen.segments.lost)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from datagen.lost import degrees, lost
+from datagen.segments.lost import degrees, lost
 
 GRID = (8, 8)
 REGION = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]

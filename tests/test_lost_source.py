@@ -1,4 +1,4 @@
-"""The lost segment source (datagen.sources.lost): folder listing and identity, the scan with a
+"""The lost segment source (datagen.segments.lost_source): folder listing and identity, the scan with a
 random-weights DINO, and ``datagen segments/build --segments lost`` end to end.
 
 Random weights give arbitrary (but valid) segments: these tests check the plumbing, not LOST's
@@ -17,11 +17,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from conftest import all_output, build_args, run_cli
-from datagen.dino import DINO_ENV, DINO_FILE, DinoWeightsError
-from datagen.sampling import Sampler
-from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
-from datagen.sources import get_source, source_inputs
-from datagen.sources.lost import CATEGORY, LostConfig, LostSource, folder_fingerprint, image_files, working_size
+from datagen.segments.dino import DINO_ENV, DINO_FILE, DinoWeightsError
+from datagen.synth.sampling import Sampler
+from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
+from datagen.segments import get_source, source_inputs
+from datagen.segments.lost_source import CATEGORY, LostConfig, LostSource, folder_fingerprint, image_files, working_size
 from official_weights import official_state
 from synthetic import SAMPLE_IMAGES
 
@@ -185,7 +185,7 @@ def lost_args(images, weights, *extra):
 
 @pytest.mark.slow
 def test_segments_lost_writes_a_bank_and_reuses_it_until_an_input_changes(images, weights, tmp_path, monkeypatch):
-    import datagen.run
+    import datagen.build.run
 
     out = tmp_path / "bank"
     command = ["segments", "--source", "lost", *lost_args(images, weights), "--min-area", 0, "--out", out,
@@ -199,14 +199,14 @@ def test_segments_lost_writes_a_bank_and_reuses_it_until_an_input_changes(images
     bank = SegmentBank.load(out)
     assert len(bank) == 4 and bank.summary.source == "lost"
 
-    real_get_source = datagen.run.get_source
+    real_get_source = datagen.build.run.get_source
 
     def no_scan(*args, **kwargs):
         raise AssertionError("LOST ran again although the bank is current")
 
-    monkeypatch.setattr(datagen.run, "get_source", no_scan)
+    monkeypatch.setattr(datagen.build.run, "get_source", no_scan)
     run_cli(command)  # current: not scanned again
-    monkeypatch.setattr(datagen.run, "get_source", real_get_source)
+    monkeypatch.setattr(datagen.build.run, "get_source", real_get_source)
     os.utime(images / "b.jpg", ns=(5, 5))
     assert "scanning lost segments" in all_output(run_cli(command))
     command[command.index("--max-size") + 1] = 64
@@ -225,7 +225,7 @@ def test_segments_lost_without_images_or_weights_are_clear_errors(images, tmp_pa
 
 @pytest.mark.slow
 def test_build_with_lost_segments_makes_pairs_and_resumes_without_lost(images, weights, tmp_path, monkeypatch):
-    import datagen.run
+    import datagen.build.run
 
     out = tmp_path / "out"
     args = build_args(out, n=4, shard_size=2, extra=["--segments", "lost", *lost_args(images, weights),
@@ -242,7 +242,7 @@ def test_build_with_lost_segments_makes_pairs_and_resumes_without_lost(images, w
     assert all(row["background_image_id"] != row["source_image_id"] for row in accepted)
 
     (out / "shard-000001.stats.json").unlink()
-    monkeypatch.setattr(datagen.run, "get_source", lambda *a, **k: pytest.fail("LOST ran again on resume"))
+    monkeypatch.setattr(datagen.build.run, "get_source", lambda *a, **k: pytest.fail("LOST ran again on resume"))
     assert "resuming: 1 of 2 shards" in all_output(run_cli(args))
 
 

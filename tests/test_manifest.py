@@ -1,4 +1,4 @@
-"""Tests of datagen.manifest: sample rows, stats markers, fingerprint and manifest files."""
+"""Tests of datagen.format.manifest: sample rows, stats markers, fingerprint and manifest files."""
 from __future__ import annotations
 
 import copy
@@ -8,12 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datagen.config import BuildConfig, config_hash
-from datagen.manifest import (SAMPLE_ROWS_SCHEMA, ManifestError, build_manifest, fingerprint, load_manifest,
+from datagen.config import BuildConfig
+from datagen.format.hashing import config_hash
+from datagen.format.manifest import (SAMPLE_ROWS_SCHEMA, ManifestError, build_manifest, fingerprint, load_manifest,
                               make_stats, package_versions, read_sample_rows, read_stats, samples_name,
                               stats_name, write_manifest, write_sample_rows, write_stats)
-from datagen.schema import SCHEMA_VERSION
-from datagen.shards import sample_key, shard_name
+from datagen.format.schema import SCHEMA_VERSION
+from datagen.format.shards import sample_key, shard_name
 
 
 def make_rows(shard: int = 3) -> list[dict]:

@@ -1,9 +1,9 @@
-"""datagen.memory: the malloc settings of pair-building processes."""
+"""datagen.synth.memory: the malloc settings of pair-building processes."""
 import sys
 
 import pytest
 
-from datagen.memory import keep_freed_memory
+from datagen.synth.memory import keep_freed_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

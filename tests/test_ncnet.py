@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import all_output, make_runner
-from datagen.config import config_hash
+from datagen.format.hashing import config_hash
 from dense_conv4d import conv4d, dense_consensus
 from trainer.cli import main
 from trainer.config import NCNetConfig, TrainConfig

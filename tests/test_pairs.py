@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from datagen.config import BuildConfig, WarpConfig
-from datagen.geometry import SegmentWarp, grid_centres
-from datagen.pairs import PairBuilder, Rejected, border_crop_box, dilate, recompute_grids, resize_mask
-from datagen.sampling import Sampler, attempt_rng
-from datagen.segments import SegmentBank, write_bank
-from datagen.sources.coco import CocoSource
+from datagen.format.warps import SegmentWarp, grid_centres
+from datagen.synth.pairs import PairBuilder, Rejected, border_crop_box, dilate, resize_mask
+from datagen.format.grids import recompute_grids
+from datagen.synth.sampling import Sampler, attempt_rng
+from datagen.segments.bank import SegmentBank, write_bank
+from datagen.segments.coco_source import CocoSource
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import all_output, make_runner
-from datagen.imageio import load_rgb
-from datagen.preview import GAP
+from datagen.format.imageio import load_rgb
+from datagen.format.draw import GAP
 from trainer.cli import main
 from trainer.config import TrainConfig, TransformerConfig
 from trainer.loop import FitOptions, Trainer

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from datagen.preview import (GAP, correspondence_points, overlay_mask, render_contact_sheet, render_pair,
-                             write_preview)
-from datagen.schema import PairSample, encode_sample
-from datagen.shards import ShardWriter, sample_key, shard_name
+from datagen.format.draw import GAP, correspondence_points, overlay_mask, render_contact_sheet, render_pair
+from datagen.preview import write_preview
+from datagen.format.schema import PairSample, encode_sample
+from datagen.format.shards import ShardWriter, sample_key, shard_name
 from synthetic import GREY, shifted_square_pair
 
 def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4) -> PairSample:

@@ -1,4 +1,4 @@
-"""Post-processing around the bilateral solver (datagen.refine); the solver itself is
+"""Post-processing around the bilateral solver (datagen.segments.refine); the solver itself is
 tests/test_bilateral.py's. A stub solver returns a chosen output where the test is about what
 happens to it."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datagen.bilateral import SolverConfig
-from datagen.refine import MIN_IOU, keep_overlapping, mask_iou, postprocess, refine_mask, upsample_patches
+from datagen.segments.bilateral import SolverConfig
+from datagen.segments.refine import MIN_IOU, keep_overlapping, mask_iou, postprocess, refine_mask, upsample_patches
 
 
 def returns(output: np.ndarray):

@@ -1,4 +1,4 @@
-"""Saliency metrics of a bank against ground-truth masks (datagen.saliency_eval, ``datagen segments
+"""Saliency metrics of a bank against ground-truth masks (datagen.segments.saliency_eval, ``datagen segments
 eval``), on hand-made banks whose scores are known."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from conftest import all_output, run_cli
-from datagen.saliency_eval import (BETA2, COARSE, REFINED, THRESHOLDS, SaliencyScores, evaluate, fbeta,
+from datagen.segments.saliency_eval import (BETA2, COARSE, REFINED, THRESHOLDS, SaliencyScores, evaluate, fbeta,
                                    precision_recall)
-from datagen.segments import ImageRow, SegmentRow, write_bank
+from datagen.segments.bank import ImageRow, SegmentRow, write_bank
 
 
 def counts(mask: np.ndarray) -> str:

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from datagen.segments import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
-from datagen.sources.coco import CocoSource
+from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
+from datagen.segments.coco_source import CocoSource
 from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 
 BANK_FILES = ("segments.parquet", "images.parquet", "skipped.parquet", "bank.json")

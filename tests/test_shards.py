@@ -1,4 +1,4 @@
-"""Tests of datagen.shards: reproducible atomic tar writing and strict reading."""
+"""Tests of datagen.format.shards: reproducible atomic tar writing and strict reading."""
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +8,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from datagen.schema import PairSample, decode_sample, encode_sample
-from datagen.shards import (ShardError, ShardWriter, iter_tar_samples, parse_shard_index, sample_key,
-                            sample_sha256, sha256_file, shard_name)
+from datagen.format.schema import PairSample, decode_sample, encode_sample
+from datagen.format.shards import (ShardError, ShardWriter, iter_tar_samples, parse_shard_index, sample_key, sample_sha256, shard_name)
+from datagen.format.hashing import sha256_file
 from synthetic import shifted_square_pair
 
 

@@ -1,4 +1,4 @@
-"""datagen.shardset: the forms of a shard-set argument, and manifests that point outside their set."""
+"""datagen.format.shardset: the forms of a shard-set argument, and manifests that point outside their set."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import os
 import pytest
 
 from conftest import REFERENCE_SHARDS
-from datagen.manifest import ManifestError
-from datagen.shards import shard_name
-from datagen.shardset import ShardSetError, resolve_shard_set
+from datagen.format.manifest import ManifestError
+from datagen.format.shards import shard_name
+from datagen.format.shardset import ShardSetError, resolve_shard_set
 
 
 def names(found) -> list[str]:

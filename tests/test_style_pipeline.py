@@ -13,7 +13,7 @@ from skimage import data
 from conftest import output_files
 from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig
-from datagen.run import SourceSpec, StyleSpec, build
+from datagen.build.run import SourceSpec, StyleSpec, build
 from datagen.style import StyleError
 from datagen.style.adain_net import make_decoder, make_full_vgg
 from datagen.style.pipeline import BLOCK_DIR, BLOCK_PREFIX, LocalStyler, StyleServer

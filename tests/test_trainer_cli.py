@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import all_output, make_runner
-from datagen.shards import shard_name
+from datagen.format.shards import shard_name
 from trainer.cli import main
 from trainer.config import TrainConfig, TransformerConfig
 from trainer.loop import FitOptions, Trainer, initial_model

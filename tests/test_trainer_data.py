@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from datagen.pairs import recompute_grids
-from datagen.shards import shard_name
+from datagen.format.grids import recompute_grids
+from datagen.format.shards import shard_name
 from trainer.config import TrainConfig
 from trainer.data import PairStream, dataset_fingerprint, iter_samples, make_loader, shard_urls, to_example
 
@@ -111,7 +111,7 @@ def copy_set(reference, tmp_path):
 
 def rewrite_sample(tar, index: int, **members):
     """Rewrite shard ``tar`` with sample ``index``'s members replaced by ``members`` (bytes)."""
-    from datagen.shards import ShardWriter, iter_tar_samples
+    from datagen.format.shards import ShardWriter, iter_tar_samples
 
     samples = list(iter_tar_samples(tar))
     samples[index].update({name.replace("_", "."): value for name, value in members.items()})
@@ -139,8 +139,8 @@ def test_a_malformed_sample_is_skipped_and_named_and_the_rest_is_used(reference,
     import struct
     import zlib
 
-    from datagen.schema import encode_npy
-    from datagen.shards import iter_tar_samples
+    from datagen.format.schema import encode_npy
+    from datagen.format.shards import iter_tar_samples
 
     shards = copy_set(reference, tmp_path)
     tar = shards / shard_name(1)
@@ -178,7 +178,7 @@ def test_a_compressed_tar_is_refused_without_expanding_it(reference, tmp_path, c
 
 
 def test_a_cut_between_members_is_reported_by_name(reference, tmp_path, capsys):
-    from datagen.shards import iter_tar_samples
+    from datagen.format.shards import iter_tar_samples
 
     shards = copy_set(reference, tmp_path)
     tar = shards / shard_name(1)

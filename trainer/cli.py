@@ -62,7 +62,7 @@ SHARDS_FORMS = ("a shard folder (its manifest.json is checked), its manifest.jso
 
 def _shard_set(shards, option: str | None = "--shards"):
     """The resolved shard set, or a usage error naming the option (checked before any slow work)."""
-    from datagen.shardset import resolve_shard_set
+    from datagen.format.shardset import resolve_shard_set
 
     try:
         found = resolve_shard_set(shards)
@@ -223,7 +223,7 @@ _DEVICE_HELP = "'auto' (CUDA if present, else the CPU), 'cpu', 'cuda', 'cuda:1'.
 
 def _inference_errors():
     """The errors of reading checkpoints, shards and images, named by their file."""
-    from datagen.imageio import BadInput
+    from datagen.format.imageio import BadInput
 
     from .loop import ResumeError
 

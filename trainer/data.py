@@ -2,7 +2,7 @@
 
 Shards are read with datagen's strict tar reader (plain tars only, member sizes bounded, a
 corrupt member an error rather than a silent stop); samples are decoded only by
-:func:`datagen.schema.decode_sample` (raw bytes in, arrays out: nothing is ever unpickled).
+:func:`datagen.format.schema.decode_sample` (raw bytes in, arrays out: nothing is ever unpickled).
 Each epoch visits the shards in a new order (seeded by the run seed and the epoch), samples
 pass through a shuffle buffer, and every loader worker reads its own share of the shards. A
 corrupt shard or sample is skipped with a warning and counted; training goes on.
@@ -17,10 +17,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from datagen.pairs import recompute_grids, resize_image
-from datagen.schema import PairSample, decode_sample
-from datagen.shards import ShardError, iter_tar_samples, sha256_file
-from datagen.shardset import ShardSet, resolve_shard_set
+from datagen.format.grids import recompute_grids
+from datagen.format.imageio import resize_image
+from datagen.format.schema import PairSample, decode_sample
+from datagen.format.shards import ShardError, iter_tar_samples
+from datagen.format.hashing import sha256_file
+from datagen.format.shardset import ShardSet, resolve_shard_set
 
 from .config import TrainConfig
 
@@ -28,7 +30,7 @@ from .config import TrainConfig
 def shard_urls(shards) -> list[str]:
     """Shard paths of a shard set: a folder (its manifest.json's shards, else its shard-*.tar), a
     manifest.json, a brace pattern such as ``shards/shard-{000000..000009}.tar``, a single .tar, or
-    a list of those (:func:`datagen.shardset.resolve_shard_set`)."""
+    a list of those (:func:`datagen.format.shardset.resolve_shard_set`)."""
     return [str(tar) for tar in resolve_shard_set(shards).tars]
 
 
@@ -42,7 +44,7 @@ def dataset_fingerprint(shards) -> str | None:
 
 def iter_raw(urls: list[str], on_error, checksums: dict | None = None, verified: set | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__": ..., field: bytes}`` of the tar files at ``urls`` in order, read
-    with datagen's strict reader (:func:`datagen.shards.iter_tar_samples`: plain tars only,
+    with datagen's strict reader (:func:`datagen.format.shards.iter_tar_samples`: plain tars only,
     member sizes bounded, a corrupt or truncated member is an error, not a silent stop).
 
     ``on_error(url, exception)`` is called for a shard that cannot be read, after its complete

@@ -29,7 +29,6 @@ import dataclasses
 import math
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -172,7 +171,7 @@ def _chunks(shards, config: TrainConfig, batch: int, max_samples: int | None):
 
 def _sample_count(shards) -> int | None:
     """The manifest's sample count of the shards (for the progress bar), when it lists them all."""
-    from datagen.shardset import resolve_shard_set
+    from datagen.format.shardset import resolve_shard_set
 
     try:
         found = resolve_shard_set(shards)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from datagen.config import config_hash
+from datagen.format.hashing import config_hash
 
 from .backbone import Backbone, load_backbone_weights, normalise
 from .config import TrainConfig

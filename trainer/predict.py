@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import torch
 
-from datagen.imageio import load_rgb
-from datagen.pairs import resize_image
-from datagen.preview import GAP
+from datagen.format.imageio import load_rgb
+from datagen.format.imageio import resize_image
+from datagen.format.draw import GAP
 
 from .evaluate import features, run_pair
 from .loop import load_for_inference
@@ -72,7 +72,7 @@ def predict_files(image_a, image_b, checkpoint, out_dir, device: str = "auto", n
     """Predict on two image files with a checkpoint; writes ``pair.png``, ``masks.png`` and
     ``result.json`` into ``out_dir`` and returns the contents of ``result.json``.
 
-    Raises :class:`datagen.imageio.BadInput` for an unreadable image and
+    Raises :class:`datagen.format.imageio.BadInput` for an unreadable image and
     :class:`trainer.loop.ResumeError` for a file that is not a trainer checkpoint (both name the file).
     """
     originals = [load_rgb(image_a), load_rgb(image_b)]  # bad images fail before the checkpoint is read

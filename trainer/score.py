@@ -1,6 +1,6 @@
 """The similarity score of an image pair (paper Eq. 3), and the bilinear transport it relies on.
 
-Correspondences are stored as in the shards (datagen.schema): x then y, normalised to [0, 1] of
+Correspondences are stored as in the shards (datagen.format.schema): x then y, normalised to [0, 1] of
 the other image, the centre of cell (i, j) of a w-wide grid at x = (j + 0.5) / w. That is exactly
 ``F.grid_sample``'s convention with ``align_corners=False`` once mapped to [-1, 1].
 """

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import torch
 
-from datagen.preview import render_pair
-from datagen.schema import PairSample
+from datagen.format.draw import render_pair
+from datagen.format.schema import PairSample
 
 THRESHOLD = 0.5
 HEAT_ALPHA = 0.55

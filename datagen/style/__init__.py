@@ -25,8 +25,8 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from ..imageio import BadInput, load_rgb
-from ..shards import sha256_file
+from datagen.format.imageio import BadInput, load_rgb
+from datagen.format.hashing import sha256_file
 
 STYLE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """Files of a style folder with these suffixes (any case) are style images."""

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..imageio import BadInput, load_rgb
-from ..shards import sha256_file
-from . import (
+from datagen.format.imageio import BadInput, load_rgb
+from datagen.format.hashing import sha256_file
+from datagen.style import (
     StyleError,
     check_inputs,
     iter_style_images,
@@ -22,7 +22,7 @@ from . import (
     shorter_side_size,
     style_set_sha256,
 )
-from .adain_net import find_adain_weights, load_decoder, load_encoder
+from datagen.style.adain_net import find_adain_weights, load_decoder, load_encoder
 
 DEFAULT_SIDE = 512
 """Shorter side of content and style images fed to the networks (the port's

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import StyleError
+from datagen.style import StyleError
 
 VGG_FILE = "vgg_normalised.pth"
 DECODER_FILE = "decoder.pth"

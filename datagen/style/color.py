@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import (
+from datagen.style import (
     StyleError,
     check_inputs,
     iter_style_images,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import StyleError
+from datagen.style import StyleError
 
 
 def style_names(stylizer) -> list[str]:

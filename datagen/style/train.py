@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..imageio import BadInput, load_rgb
-from ..shards import sha256_file
-from . import StyleError, resize, style_image_files
-from .adain import adain, feature_stats, resolve_device
-from .adain_net import encoder_layers, load_decoder, load_encoder, make_decoder
+from datagen.format.imageio import BadInput, load_rgb
+from datagen.format.hashing import sha256_file
+from datagen.style import StyleError, resize, style_image_files
+from datagen.style.adain import adain, feature_stats, resolve_device
+from datagen.style.adain_net import encoder_layers, load_decoder, load_encoder, make_decoder
 
 DEFAULTS = {
     "steps": 160_000, "batch_size": 8, "size": 512, "crop": 256, "lr": 1e-4, "lr_decay": 5e-5,

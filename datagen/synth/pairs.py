@@ -1,4 +1,4 @@
-"""The pair builder: executes a :class:`~datagen.sampling.PairPlan` into a :class:`PairSample`.
+"""The pair builder: executes a :class:`~datagen.synth.sampling.PairPlan` into a :class:`PairSample`.
 
 Paper section 3.1: a segment (dilated) is cut from the source image, warped (aspect, rotation,
 scale, optional thin-plate spline), blended into a background image that contains none of its
@@ -14,23 +14,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import __version__
-from .blend import blend_into
-from .config import BuildConfig
-from .geometry import (
-    SegmentWarp,
-    ThinPlateSpline,
-    cycle_consistent_masks,
-    mask_boundary,
-    place_in_region,
-    roi_resampler,
-    rotation_aspect_matrix,
-    warp_grid,
-)
-from .imageio import BadInput, load_rgb
-from .memory import keep_freed_memory
-from .sampling import ObjectPlan, PairPlan
-from .schema import PairSample
+from datagen import __version__
+from datagen.synth.blend import blend_into
+from datagen.config import BuildConfig
+from datagen.format.warps import SegmentWarp, ThinPlateSpline
+from datagen.synth.geometry import mask_boundary, place_in_region, roi_resampler, rotation_aspect_matrix
+from datagen.format.grids import grids_from_warps
+from datagen.format.imageio import BadInput, load_rgb, resize_image
+from datagen.synth.memory import keep_freed_memory
+from datagen.synth.sampling import ObjectPlan, PairPlan
+from datagen.format.schema import PairSample
 
 
 class Rejected(Exception):
@@ -89,13 +82,6 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.threshold(resized, 127, 1, cv2.THRESH_BINARY)[1]
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to size x size: bilinear, or area averaging when shrinking by 1.5x or more along an
-    axis (bilinear aliases there; area is 3x slower, so COCO's 640 -> 480 stays bilinear)."""
-    shrink = max(image.shape[0], image.shape[1]) >= 1.5 * size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def make_warp(obj: ObjectPlan, boundary: np.ndarray, src_size: tuple, region: tuple,
               config: BuildConfig) -> tuple[SegmentWarp, np.ndarray]:
     """The composed warp of one segment (aspect, rotation, optional TPS, scale into its region).
@@ -113,54 +99,6 @@ def make_warp(obj: ObjectPlan, boundary: np.ndarray, src_size: tuple, region: tu
     return place_in_region(shape, boundary, tps, src_size, region, obj.ratio, obj.position)
 
 
-def grids_from_warps(warps: list, src_mask: np.ndarray, grid_shape: tuple, tgt_size: tuple) -> dict:
-    """Correspondence fields and cycle-consistent grid masks of a pair.
-
-    ``warps``: one SegmentWarp per object (object k has id k + 1 in ``src_mask``, a (H, W) uint8
-    id map of the source). Returns float32 arrays: ``src_to_tgt`` (h, w, 2), ``tgt_to_src``
-    (h, w, 2), ``src_grid_mask`` (h, w), ``tgt_grid_mask`` (h, w); flows are normalised to the
-    other image, and a cell takes the flow of the object that covers most of it. Also
-    ``round_trip_cells``: the largest |tgt_to_src(src_to_tgt(p)) - p| over source cell centres,
-    in cells (non-zero only through the TPS's numerical inverse, which measures it).
-    """
-    src_size = (src_mask.shape[1], src_mask.shape[0])
-    cell = np.asarray(src_size, float) / np.asarray(grid_shape[::-1], float)
-    centres = warp_grid(lambda p: p, grid_shape, src_size, (1, 1))
-    src_to_tgt = tgt_to_src = None
-    src_masks, tgt_masks, round_trip = [], [], 0.0
-    for k, warp in enumerate(warps):
-        landed, round_trip_px = warp.src_to_tgt_checked(centres)
-        forward = landed / np.asarray(tgt_size, float)
-        backward = warp_grid(warp.tgt_to_src, grid_shape, tgt_size, src_size)
-        round_trip = max(round_trip, float((np.abs(round_trip_px) / cell).max()))
-        coverage = cv2.resize((src_mask == k + 1).astype(np.float32), grid_shape[::-1], interpolation=cv2.INTER_AREA)
-        src_grid, tgt_grid = cycle_consistent_masks(coverage, forward, backward)
-        if k == 0:
-            src_to_tgt, tgt_to_src = forward, backward
-        else:
-            src_to_tgt = np.where((src_grid > np.maximum.reduce(src_masks))[..., None], forward, src_to_tgt)
-            tgt_to_src = np.where((tgt_grid > np.maximum.reduce(tgt_masks))[..., None], backward, tgt_to_src)
-        src_masks.append(src_grid)
-        tgt_masks.append(tgt_grid)
-    return {
-        "src_to_tgt": src_to_tgt.astype(np.float32),
-        "tgt_to_src": tgt_to_src.astype(np.float32),
-        "src_grid_mask": np.clip(sum(src_masks), 0, 1).astype(np.float32),
-        "tgt_grid_mask": np.clip(sum(tgt_masks), 0, 1).astype(np.float32),
-        "round_trip_cells": round_trip,
-    }
-
-
-def recompute_grids(sample: PairSample, grid_shape: tuple | None = None) -> dict:
-    """Recompute a stored sample's grid fields from its JSON warps and its source mask, at the
-    stored grid size or any other ``grid_shape`` (h, w). Used by ``datagen verify`` and by readers
-    that need another stride."""
-    warps = [SegmentWarp.from_json(obj["warp"]) for obj in sample.meta["objects"]]
-    shape = grid_shape or sample.src_grid_mask.shape
-    tgt_size = (sample.tgt_mask.shape[1], sample.tgt_mask.shape[0])
-    return grids_from_warps(warps, sample.src_mask, tuple(shape), tgt_size)
-
-
 class PairBuilder:
     """Builds pairs from plans; holds the bank, image root and config of one worker."""
 
@@ -169,7 +107,7 @@ class PairBuilder:
         self.image_root = image_root
         self.config = config
         self.timer = StageTimer()
-        keep_freed_memory()  # this process builds pairs: reuse freed memory (see datagen.memory)
+        keep_freed_memory()  # this process builds pairs: reuse freed memory (see datagen.synth.memory)
 
     def _load(self, image_id: int) -> np.ndarray:
         """The image as (H, W, 3) uint8 RGB, checked against its declared size."""

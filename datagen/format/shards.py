@@ -71,18 +71,6 @@ def parse_shard_index(name) -> int:
     return int(match.group(1))
 
 
-def sha256_file(path, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(chunk_size)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sample_sha256(members: dict) -> str:
     """sha256 hex digest of one sample ``{"__key__": key, field: bytes}``: its key, then each field
     in sorted order as name, byte length and bytes. Recorded per sample when a shard is written

@@ -24,8 +24,9 @@ import cv2
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from .config import BuildConfig, canonical_json, config_hash
-from .manifest import (
+from datagen.config import BuildConfig
+from datagen.format.hashing import canonical_json, config_hash
+from datagen.format.manifest import (
     build_manifest,
     make_stats,
     read_stats,
@@ -35,15 +36,16 @@ from .manifest import (
     write_sample_rows,
     write_stats,
 )
-from .lock import OutputLock, die_with_parent, sigterm_as_interrupt
-from .pairs import PairBuilder, Rejected
-from .sampling import Sampler, attempt_rng, objects_for_attempt
-from .schema import encode_sample
-from .segments import SegmentBank, write_bank
-from .shards import ShardWriter, parse_shard_index, sample_key, sha256_file, shard_name
-from .sources import RUNTIME_OPTIONS, get_source, source_inputs
-from .style import NO_STYLE, make_stylizer
-from .style.pipeline import LocalStyler, RemoteStyler, StyleServer
+from datagen.build.lock import OutputLock, die_with_parent, sigterm_as_interrupt
+from datagen.synth.pairs import PairBuilder, Rejected
+from datagen.synth.sampling import Sampler, attempt_rng, objects_for_attempt
+from datagen.format.schema import encode_sample
+from datagen.segments.bank import SegmentBank, write_bank
+from datagen.format.shards import ShardWriter, parse_shard_index, sample_key, shard_name
+from datagen.format.hashing import sha256_file
+from datagen.segments import RUNTIME_OPTIONS, get_source, source_inputs
+from datagen.style import NO_STYLE, make_stylizer
+from datagen.style.pipeline import LocalStyler, RemoteStyler, StyleServer
 
 BANK_DIR = "bank"
 BANK_INPUTS = "inputs.json"
@@ -115,7 +117,7 @@ def inputs_checksum(source_sha256: str, style: dict | None) -> str:
 def source_record(spec: SourceSpec, config: BuildConfig) -> dict:
     """The inputs record of a source (options, its checksums and settings, image root), found
     without loading the source: resuming a big build must not parse annotations or run LOST again.
-    ``source_sha256`` is one checksum of the source's inputs (see :class:`~datagen.segments.SourceInputs`)."""
+    ``source_sha256`` is one checksum of the source's inputs (see :class:`~datagen.segments.bank.SourceInputs`)."""
     inputs = source_inputs(spec.name, **spec.options)
     return {
         "source": spec.to_json(),
@@ -223,7 +225,7 @@ def build_shard(shard: int, count: int, config: BuildConfig, bank_dir: str, imag
     row stop it with :class:`BuildError` (something is wrong with every input, not one).
 
     ``build_pid``: the build's process; a worker process it started kills itself when it is gone
-    (:func:`datagen.lock.die_with_parent`), so that no shard is written after a build is killed.
+    (:func:`datagen.build.lock.die_with_parent`), so that no shard is written after a build is killed.
     """
     if build_pid is not None:
         die_with_parent(build_pid)

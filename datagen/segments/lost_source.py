@@ -3,8 +3,8 @@ bilateral solver (the paper's label-free segment source).
 
 Every image file of the folder (recursively, sorted by relative path) becomes an
 :class:`ImageRow`; its image id is its 1-based position in that list. Each readable image gives
-one :class:`SegmentRow`: LOST's coarse patch mask (:mod:`datagen.lost`), upsampled and refined
-by the solver (:mod:`datagen.refine`), with LOST's score, the refinement's IoU with the coarse
+one :class:`SegmentRow`: LOST's coarse patch mask (:mod:`datagen.segments.lost`), upsampled and refined
+by the solver (:mod:`datagen.segments.refine`), with LOST's score, the refinement's IoU with the coarse
 mask (below 0.5 the coarse mask was kept) and the coarse mask itself (``coarse_rle``, for
 ``datagen segments eval``). Unreadable images are :class:`Skipped` with the reason.
 
@@ -30,11 +30,11 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from datagen.bilateral import SolverConfig
-from datagen.config import canonical_json
-from datagen.imageio import BadInput, load_rgb
-from datagen.segments import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
-from datagen.shards import sha256_file
+from datagen.segments.bilateral import SolverConfig
+from datagen.format.hashing import canonical_json
+from datagen.format.imageio import BadInput, load_rgb
+from datagen.segments.bank import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
+from datagen.format.hashing import sha256_file
 
 NAME = "lost"
 CATEGORY = "object"
@@ -108,7 +108,7 @@ def lost_source_inputs(*, images_dir=None, dino_weights=None, max_size: int = Lo
     """The folder, its :func:`folder_fingerprint` and image count, the DINO weights' sha256 and
     the :class:`LostConfig`, without loading anything (:class:`DinoWeightsError` when there are
     no weights)."""
-    from datagen.dino import find_dino_weights
+    from datagen.segments.dino import find_dino_weights
 
     root = _images_dir(images_dir)
     files = image_files(root)
@@ -157,7 +157,7 @@ class LostSource:
     """LOST + bilateral-solver segments of every image of ``images_dir``.
 
     weights: the DINO file (None: ``$SEGSWAP_DINO_WEIGHTS`` or the caches, see
-    :func:`datagen.dino.find_dino_weights`). ``min_area``: segments with a smaller mask (pixels,
+    :func:`datagen.segments.dino.find_dino_weights`). ``min_area``: segments with a smaller mask (pixels,
     at the image's resolution) are skipped. ``device``: 'auto' (CUDA when present), 'cpu',
     'cuda'. ``batch_size``: images per DINO forward (same-size images only; default 8 on CUDA, 1
     on the CPU). ``model``: an already loaded ViT (tests), instead of loading ``weights``.
@@ -169,7 +169,7 @@ class LostSource:
     def __init__(self, images_dir, weights=None, config: LostConfig = LostConfig(), *, min_area: float = 1024.0,
                  device: str = "auto", batch_size: int | None = None, progress: bool = True, model=None,
                  loaders: int = 4):
-        from datagen.dino import find_dino_weights, resolve_device
+        from datagen.segments.dino import find_dino_weights, resolve_device
 
         self.images_dir = _images_dir(images_dir)
         self.config = config
@@ -183,7 +183,7 @@ class LostSource:
 
     def model(self):
         """The DINO ViT on this source's device, loaded on first use."""
-        from datagen.dino import load_dino
+        from datagen.segments.dino import load_dino
 
         if self._model is None:
             self._model = load_dino(self.weights, self.device)
@@ -221,7 +221,7 @@ class LostSource:
 
     def _chunk_items(self, model, chunk: list[_Image]) -> Iterator[BankItem]:
         """Items of the images of ``chunk``, in order; same-size images share a DINO forward."""
-        from datagen.dino import image_batch, last_keys, padded_grid
+        from datagen.segments.dino import image_batch, last_keys, padded_grid
 
         readable = [image for image in chunk if image.problem is None]
         features: dict[int, object] = {}
@@ -245,8 +245,8 @@ class LostSource:
             image.full = image.work = None
 
     def _segment(self, image: _Image, features, grid: tuple[int, int]) -> SegmentRow | Skipped:
-        from datagen.lost import lost
-        from datagen.refine import refine_mask, upsample_patches
+        from datagen.segments.lost import lost
+        from datagen.segments.refine import refine_mask, upsample_patches
 
         try:
             if isinstance(features, Exception):

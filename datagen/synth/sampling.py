@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .config import BuildConfig
+from datagen.config import BuildConfig
 
 
 def attempt_rng(root_seed: int, shard: int, attempt: int) -> np.random.Generator:

@@ -16,8 +16,8 @@ from typing import Iterator
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datagen.segments import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
-from datagen.shards import sha256_file
+from datagen.segments.bank import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
+from datagen.format.hashing import sha256_file
 
 MAX_COORDINATE = 1e6
 """Polygon coordinates beyond +-this many pixels are rejected (the rasteriser uses C ints)."""

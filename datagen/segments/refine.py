@@ -1,5 +1,5 @@
 """From LOST's coarse patch mask to a pixel mask: upsampling, the bilateral solver
-(:mod:`datagen.bilateral`), and the post-processing around it.
+(:mod:`datagen.segments.bilateral`), and the post-processing around it.
 
 The coarse mask, upsampled to the image, is the solver's target (confidence 1 everywhere). Its
 output is thresholded at 0.5 and its holes filled; of the connected components, those that lie
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .bilateral import SolverConfig, bilateral_solve
+from datagen.segments.bilateral import SolverConfig, bilateral_solve
 
 MIN_IOU = 0.5
 """Below this IoU between the refined and the coarse mask, the coarse mask is kept."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from .manifest import MANIFEST_NAME, ManifestError, fingerprint, load_manifest
+from datagen.format.manifest import MANIFEST_NAME, ManifestError, fingerprint, load_manifest
 
 FORMS = ("a shard folder, its manifest.json, a brace pattern such as 'shards/shard-{000000..000009}.tar', "
          "or a .tar file")
@@ -152,7 +152,7 @@ def resolve_shard_set(spec) -> ShardSet:
     """The :class:`ShardSet` that ``spec`` names (see the module docstring for the forms).
 
     Raises :class:`ShardSetError` (a FileNotFoundError) when ``spec`` names no shards, and
-    :class:`~datagen.manifest.ManifestError` (a ValueError) for an unreadable or unsafe manifest.
+    :class:`~datagen.format.manifest.ManifestError` (a ValueError) for an unreadable or unsafe manifest.
     """
     if isinstance(spec, (list, tuple)):
         if not spec:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .imageio import header_size
+from datagen.format.imageio import header_size
 
 SCHEMA_VERSION = 1
 

@@ -2,7 +2,7 @@
 
 For shard ``k`` a build writes, in this order:
 
-1. ``shard-00000k.tar``              the samples (:class:`datagen.shards.ShardWriter`)
+1. ``shard-00000k.tar``              the samples (:class:`datagen.format.shards.ShardWriter`)
 2. ``shard-00000k.samples.parquet``  one row per attempt, accepted or rejected
 3. ``shard-00000k.stats.json``       the commit marker: written last, so a shard whose stats
                                      file reads back is complete
@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen.config import BuildConfig, canonical_json, config_hash as compute_config_hash
-from datagen.schema import SCHEMA_VERSION
-from datagen.shards import shard_name
+from datagen.format.hashing import canonical_json, config_hash as compute_config_hash
+from datagen.format.schema import SCHEMA_VERSION
+from datagen.format.shards import shard_name
 
 MANIFEST_NAME = "manifest.json"
 STATUSES = ("accepted", "rejected")
@@ -50,7 +50,7 @@ SAMPLE_ROWS_SCHEMA = pa.schema([
 ])
 """One row per attempt of a shard. ``key`` is null and ``bytes`` 0 for rejected attempts;
 ``reason`` is null for accepted ones. ``sha256`` is the accepted sample's checksum
-(:func:`datagen.shards.sample_sha256`, null for rejected attempts and in sets built before it
+(:func:`datagen.format.shards.sample_sha256`, null for rejected attempts and in sets built before it
 was recorded): ``datagen verify`` names the sample whose bytes changed. ``seed`` is a readable string such as
 ``"root=0 shard=3 attempt=17"``."""
 
@@ -232,9 +232,10 @@ def _datagen_version() -> str:
     return str(getattr(datagen, "__version__", "unknown"))
 
 
-def build_manifest(*, config: BuildConfig, root_seed: int, inputs: dict, shard_stats: list[dict],
+def build_manifest(*, config, root_seed: int, inputs: dict, shard_stats: list[dict],
                    n_requested: int) -> dict:
-    """The manifest dict of a shard set from its config and the stats of every shard.
+    """The manifest dict of a shard set from its config (a config dataclass with ``to_dict()``, a
+    :class:`datagen.config.BuildConfig`) and the stats of every shard.
 
     Raises ValueError when two stats name the same shard, or a shard was built with another
     config or schema version.

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from .refine import mask_iou
-from .segments import IMAGES_FILE, SEGMENTS_FILE, SegmentBank
+from datagen.segments.refine import mask_iou
+from datagen.segments.bank import IMAGES_FILE, SEGMENTS_FILE, SegmentBank
 
 BETA2 = 0.3
 THRESHOLDS = np.linspace(0.0, 1.0 - 1e-10, 255)

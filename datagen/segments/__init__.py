@@ -1,29 +1,40 @@
 """Segment sources by name: ``get_source(config.segments, **options)``, and what a source reads,
-``source_inputs(name, **options)`` (a :class:`~datagen.segments.SourceInputs`: image root and
+``source_inputs(name, **options)`` (a :class:`~datagen.segments.bank.SourceInputs`: image root and
 checksums), found without loading it.
 
-- ``"coco"`` (:mod:`datagen.sources.coco`): COCO instance annotations;
-- ``"lost"`` (:mod:`datagen.sources.lost`): unsupervised segments of any folder of images, LOST
+- ``"coco"`` (:mod:`datagen.segments.coco_source`): COCO instance annotations;
+- ``"lost"`` (:mod:`datagen.segments.lost_source`): unsupervised segments of any folder of images, LOST
   on DINO features refined by the bilateral solver.
 
 Entries are callables or ``"module:function"`` strings imported on first use, so that listing
 the names (the command line does) imports neither torch nor timm.
+
+The modules of this stage:
+
+- :mod:`~datagen.segments.bank`           segment and image rows, the bank on disk (parquet, RLE masks)
+- :mod:`~datagen.segments.coco_source`    COCO annotations through pycocotools
+- :mod:`~datagen.segments.lost_source`    LOST on DINO, refined by the bilateral solver, cached per image
+- :mod:`~datagen.segments.dino`           DINO ViT-S/16 features (timm), official weights
+- :mod:`~datagen.segments.lost`           LOST's seed and seed expansion on patch features
+- :mod:`~datagen.segments.bilateral`      the fast bilateral solver
+- :mod:`~datagen.segments.refine`         coarse mask -> refined mask (solver, post-processing)
+- :mod:`~datagen.segments.saliency_eval`  Table 4's evaluation of the unsupervised masks
 """
 from __future__ import annotations
 
 import importlib
 from typing import Callable
 
-from datagen.segments import SegmentSource, SourceInputs
+from datagen.segments.bank import SegmentSource, SourceInputs
 
 SOURCES: dict[str, Callable[..., SegmentSource] | str] = {
-    "coco": "datagen.sources.coco:make_coco_source",
-    "lost": "datagen.sources.lost:make_lost_source",
+    "coco": "datagen.segments.coco_source:make_coco_source",
+    "lost": "datagen.segments.lost_source:make_lost_source",
 }
 """Source name -> ``(min_area=..., **options) -> source``."""
 INPUTS: dict[str, Callable[..., SourceInputs] | str] = {
-    "coco": "datagen.sources.coco:coco_source_inputs",
-    "lost": "datagen.sources.lost:lost_source_inputs",
+    "coco": "datagen.segments.coco_source:coco_source_inputs",
+    "lost": "datagen.segments.lost_source:lost_source_inputs",
 }
 """Source name -> ``(**options) -> SourceInputs``, without loading the source."""
 RUNTIME_OPTIONS = ("device", "batch_size", "progress")

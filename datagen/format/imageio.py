@@ -16,6 +16,13 @@ JPEG_END = b"\xff\xd9"
 PNG_START = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"
 _TRAILING_PADDING = b"\x00 \t\r\n"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""File suffixes (lower case) taken as images when a folder is read: style images, LOST's input
+images, saliency ground truth."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""RGB mean and standard deviation of ImageNet in [0, 1]: the input normalisation
+of DINO and of the MoCo-v2 ResNet-50."""
 
 
 class BadInput(Exception):
@@ -137,3 +144,10 @@ def _check_size(path, image: np.ndarray, min_side: int, max_pixels: int,
     if expected_size is not None and (width, height) != tuple(expected_size):
         expected_width, expected_height = expected_size
         raise BadInput(path, f"image is {width}x{height}, annotation says {expected_width}x{expected_height}")
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size: bilinear, or area averaging when shrinking by 1.5x or more along an
+    axis (bilinear aliases there; area is 3x slower, so COCO's 640 -> 480 stays bilinear)."""
+    shrink = max(image.shape[0], image.shape[1]) >= 1.5 * size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

@@ -1,0 +1,15 @@
+"""The on-disk contract between ``datagen`` and ``trainer``: what a shard set is and how to read it.
+
+``trainer`` imports this package and nothing else of ``datagen`` (``tests/test_layout.py``), and
+this package imports nothing else of ``datagen``.
+
+- :mod:`~datagen.format.schema`    a sample's members, encoded and decoded (size checks first)
+- :mod:`~datagen.format.shards`    reproducible tar writing and strict reading, per-sample checksums
+- :mod:`~datagen.format.manifest`  per-sample parquet rows, per-shard stats, the manifest, fingerprint
+- :mod:`~datagen.format.shardset`  what a shard-set argument names (folder, manifest, pattern, .tar)
+- :mod:`~datagen.format.hashing`   file and config checksums
+- :mod:`~datagen.format.imageio`   image decoding with size checks before decoding, resizing
+- :mod:`~datagen.format.warps`     the stored warps: thin-plate spline and segment warp
+- :mod:`~datagen.format.grids`     grid fields (correspondences, masks) recomputed from stored warps
+- :mod:`~datagen.format.draw`      a pair drawn for a person: outlines and correspondence lines
+"""
