@@ -3,7 +3,7 @@
     python benchmarks/bench_build.py [--pairs 300] [--objects 1] [--data sample | ../shared/data/coco-mini]
 
 Builds one-object pairs at 480 px with --style none from real COCO images (the embedded 400 px
-sample by default, the issue's setting; or coco-mini's 640 px originals), single-threaded, and
+sample by default; or coco-mini's 640 px originals), single-threaded, and
 prints pairs/s, milliseconds per accepted pair for each stage (load, warp, blend,
 correspondences, encode/write), the CPU time and the bytes written per pair. In one run it times
 four generators on plans drawn from the same attempt seeds, interleaved in turns of 10 attempts
@@ -14,11 +14,7 @@ baseline, the per-pair steps of the authors' released generator (``released_gene
 PIL, scipy dilation, seamlessClone, torch grid sampling, four files per pair). It prints the
 ratios against the baseline, with the same work and with our TPS, then times JPEG decoding and
 encoding alone: the floors of load and encode/write. On a shared machine compare runs made in
-the same conditions.
-
-The issue's figures, from another machine: the released generator spends 48 ms per one-object
-pair on these stages, 45 % of it in cv2.seamlessClone; 104 KB per unstylised pair; aim: three
-times faster per core.
+the same conditions. The README's Speed section has the figures of a run.
 """
 from __future__ import annotations
 
@@ -41,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datagen.config import BuildConfig, WarpConfig  # noqa: E402
+from datagen.format.schema import encode_sample  # noqa: E402
+from datagen.format.shards import ShardWriter  # noqa: E402
+from datagen.segments.bank import SegmentBank, write_bank  # noqa: E402
+from datagen.segments.coco_source import CocoSource  # noqa: E402
 from datagen.synth.pairs import PairBuilder, Rejected  # noqa: E402
 from datagen.synth.sampling import Sampler, attempt_rng  # noqa: E402
-from datagen.format.schema import encode_sample  # noqa: E402
-from datagen.segments.bank import SegmentBank, write_bank  # noqa: E402
-from datagen.format.shards import ShardWriter  # noqa: E402
-from datagen.segments.coco_source import CocoSource  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from released_generator import ReleasedGeneratorSteps  # noqa: E402
@@ -207,7 +203,7 @@ GENERATORS = {
 def generator_config(method: str, objects: int) -> BuildConfig:
     """Our build config for one of :data:`GENERATORS` (the baseline samples its plans from it too)."""
     warp = WarpConfig(tps_prob=0.0) if method == "poisson-no-tps" else WarpConfig()
-    return BuildConfig(objects=str(objects), blend="cv2" if method == "cv2" else "poisson", warp=warp)
+    return BuildConfig(objects=str(objects), style="none", blend="cv2" if method == "cv2" else "poisson", warp=warp)
 
 
 def main() -> None:
@@ -216,7 +212,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, choices=(1, 2), default=1,
                         help="objects per pair (the baseline is the one-object script: 1 only)")
     parser.add_argument("--data", default="sample",
-                        help="'sample' (the embedded 400 px sample, the issue's setting) or a coco-mini "
+                        help="'sample' (the embedded 400 px sample) or a coco-mini "
                              f"folder (640 px originals: {COCO_MINI})")
     args = parser.parse_args()
 
@@ -261,10 +257,10 @@ def main() -> None:
         if "released" in results:
             per_pair = {name: 1000 * g.total / g.accepted for name, g in results.items()}
             baseline = per_pair["released"]
-            print(f"baseline / ours, whole pair (aim: >= 3x, i.e. <= {baseline / 3:.1f} ms here; the issue's figures "
-                  f"from another machine: released 48 ms, aim 16 ms):")
+            print("baseline / ours, whole pair:")
             print(f"  same work (no TPS):         {baseline / per_pair['poisson-no-tps']:.2f}x faster per core")
-            print(f"  with TPS on half the pairs: {baseline / per_pair['poisson']:.2f}x (work the baseline does not do)")
+            print(f"  with TPS on half the pairs: {baseline / per_pair['poisson']:.2f}x "
+                  "(work the baseline does not do)")
         summary = {g.name: {"total": g.total, "cpu": g.cpu, "stages": g.stages(), "accepted": g.accepted,
                             "attempts": g.attempts, "bytes": g.bytes_written()} for g in generators}
         json.dump(summary, sys.stderr, default=float)

@@ -34,8 +34,8 @@ def one_size(size: int, count: int, threads: int) -> dict:
     import cv2
     import torch
 
-    from datagen.segments.dino import image_batch, last_keys, make_vit, padded_grid
     from datagen.format.imageio import load_rgb
+    from datagen.segments.dino import image_batch, last_keys, make_vit, padded_grid
     from datagen.segments.lost import lost
     from datagen.segments.refine import refine_mask, upsample_patches
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dense_conv4d import dense_consensus  # noqa: E402
+
 from trainer.config import NCNetConfig  # noqa: E402
 from trainer.models.ncnet import SparseNCNet, sparse_correlation  # noqa: E402
 from trainer.models.sparse4d import build_kernel_map, to_dense  # noqa: E402

@@ -20,9 +20,6 @@ through the paper's 512 px resize, as a build stylises them. Measured:
 
 On a GPU machine: ``python benchmarks/bench_style.py --device cuda --workers 16 --pairs 400``
 (precisions fp32 and auto = bf16 autocast, batches 1, 8 and 32).
-
-The issue's figure, from another machine: the authors' generator spends 5.9 s per stylised
-image on one thread, re-encoding the style image every time; aim: a third of that.
 """
 from __future__ import annotations
 
@@ -41,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datagen.config import BuildConfig  # noqa: E402
-from datagen.build.run import SourceSpec, StyleSpec, build  # noqa: E402
+from datagen.runner.run import SourceSpec, StyleSpec, build  # noqa: E402
 from datagen.style.adain import AdainStylizer  # noqa: E402
 from datagen.style.adain_net import ENCODER_MODULES, make_decoder, make_full_vgg  # noqa: E402
 
@@ -87,8 +84,8 @@ def main() -> None:
                         help="images timed through the released generator's style steps on the CPU, one thread "
                              "(about 2x ours each; 0: skip; never on CUDA)")
     parser.add_argument("--precisions", default=None,
-                        help="comma-separated: fp32, bf16, auto (default: fp32,bf16 on the CPU, where bf16 is emulated, "
-                             "hence slow, without AVX-512 BF16/AMX; fp32,auto on CUDA)")
+                        help="comma-separated: fp32, bf16, auto (default: fp32,bf16 on the CPU, where bf16 is "
+                             "emulated, hence slow, without AVX-512 BF16/AMX; fp32,auto on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--workers", type=int, default=1, help="workers of the build (several share a GPU "
                         "through the style server)")
@@ -111,7 +108,8 @@ def main() -> None:
         alphas = rng.random(len(images)).tolist()
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        device = torch.cuda.get_device_name() if cuda else f"{cores} cores, native bf16: {'yes' if native_bf16 else 'no'}"
+        native = "yes" if native_bf16 else "no"
+        device = torch.cuda.get_device_name() if cuda else f"{cores} cores, native bf16: {native}"
         print(f"{len(images)} content images 480 px -> 512 px, 4 style images, random weights; {device}")
         reference = None
         for threads in ((cores,) if cuda else (1, cores)):
@@ -151,8 +149,6 @@ def main() -> None:
         for message in messages:
             if message.startswith("style server"):
                 print(f"  {message}")
-        print("the issue's figure, from another machine: the authors' generator, 5.9 s per stylised image on one "
-              "thread (11.8 s per pair)")
 
 
 if __name__ == "__main__":

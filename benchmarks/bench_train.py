@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datagen.config import BuildConfig  # noqa: E402
-from datagen.build.run import SourceSpec, build  # noqa: E402
+from datagen.runner.run import SourceSpec, build  # noqa: E402
 from trainer.config import TrainConfig, TransformerConfig  # noqa: E402
 from trainer.data import make_loader, shard_urls  # noqa: E402
 from trainer.evaluate import evaluate_model  # noqa: E402
@@ -48,11 +48,12 @@ def build_shards(out: Path, pairs: int, shard_size: int, workers: int) -> tuple[
     """(training shard paths, held-out shard paths): the last shard is held out."""
     started = time.perf_counter()
     spec = SourceSpec("coco", {"root": SAMPLE_ROOT.resolve(), "split": "train2017"})
-    build(BuildConfig(shard_size=shard_size), spec, pairs, out, seed=0, workers=workers,
+    build(BuildConfig(shard_size=shard_size, style="none", objects="1"), spec, pairs, out, seed=0, workers=workers,
           manifests_dir=out.parent / "manifests", log=lambda message: None, show_progress=False)
     urls = shard_urls(out)
     print(f"built {pairs} pairs (480 px, embedded sample) in {len(urls)} shards of {shard_size} in "
-          f"{time.perf_counter() - started:.1f} s; training on {len(urls) - 1} shards, holding out {Path(urls[-1]).name}")
+          f"{time.perf_counter() - started:.1f} s; training on {len(urls) - 1} shards, "
+          f"holding out {Path(urls[-1]).name}")
     return urls[:-1], urls[-1:]
 
 

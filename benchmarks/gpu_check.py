@@ -8,7 +8,7 @@ No weights can be downloaded, so every network gets random weights in its publis
 Each part prints figures; with $OUT set, the whole report is also written to
 $OUT/gpu_check.txt.
 
-1. AdaIN (issue 4): ``bench_style.py --device cuda --workers 16 --pairs 400``: seconds per
+1. AdaIN: ``bench_style.py --device cuda --workers 16 --pairs 400``: seconds per
    image in fp32 and in the bf16 fast path, batches 1, 8 and 32, the mean absolute difference
    of bf16 from fp32 in grey levels, and a build through the style server with its busy share.
 2. Training on CUDA against the CPU: a few ``trainer fit`` steps of each network
@@ -86,8 +86,8 @@ def check_lost(tmp: Path, device: str, quick: bool) -> None:
     import numpy as np
     import torch
 
-    from datagen.segments.dino import make_vit
     from datagen.segments.bank import SegmentBank
+    from datagen.segments.dino import make_vit
 
     images = tmp / "lost-images"
     images.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from datagen.config import BLEND_METHODS, OBJECT_MODES, STYLE_METHODS, BuildConfig, WarpConfig
+from datagen.config import BLEND_METHODS, OBJECT_MODES, ONE_SEGMENT_SOURCES, STYLE_METHODS, BuildConfig, WarpConfig
 from datagen.format.hashing import config_hash
 from datagen.segments import SOURCES
 
@@ -21,32 +21,36 @@ def _say(message: str) -> None:
 def _source_spec(segments: str, coco_root, coco_split: str, images=None, dino_weights=None,
                  max_size: int = 1024, device: str = "auto", progress: bool = True):
     """The :class:`SourceSpec` of the source options; usage errors name the option."""
-    from datagen.build.run import SourceSpec
+    from datagen.runner.inputs import SourceSpec
 
     if segments == "coco":
+        from datagen.segments.coco_source import CocoOptions
+
         if coco_root is None:
             _say(f"no --coco-root given: using the embedded sample of 60 COCO images ({SAMPLE_ROOT})")
             coco_root = SAMPLE_ROOT
-        return SourceSpec("coco", {"root": Path(coco_root).resolve(), "split": coco_split})
+        return SourceSpec("coco", CocoOptions(root=Path(coco_root).resolve(), split=coco_split))
     if segments == "lost":
+        from datagen.segments.lost_source import LostOptions
+
         if images is None:
             raise click.UsageError("the lost source needs --images DIR, a folder of images")
-        options = {"images_dir": Path(images).resolve(), "max_size": max_size, "device": device,
-                   "progress": progress}
-        if dino_weights is not None:
-            options["dino_weights"] = Path(dino_weights).resolve()
+        try:
+            options = LostOptions(images_dir=Path(images).resolve(), max_size=max_size, device=device,
+                                  progress=progress,
+                                  dino_weights=None if dino_weights is None else Path(dino_weights).resolve())
+        except ValueError as error:
+            raise click.UsageError(str(error)) from error
         return SourceSpec("lost", options)
     raise click.BadParameter(f"unknown segment source {segments!r}", param_hint="--segments")
 
 
-def _objects_for(segments: str, objects: str | None) -> str:
-    """--objects, defaulting to 'mix' ('1' for lost, whose images hold one segment each)."""
-    if segments == "lost":
-        if objects not in (None, "1"):
-            raise click.UsageError(f"--objects {objects}: the lost source finds one segment per image, and a "
-                                   "two-object pair needs two segments of one image; use --objects 1")
-        return "1"
-    return objects or "mix"
+def _check_objects(segments: str, objects: str | None) -> None:
+    """--objects 2 or mix with a source of one segment per image is a usage error (the default,
+    BuildConfig's, is '1' for those: see :attr:`BuildConfig.objects`)."""
+    if segments in ONE_SEGMENT_SOURCES and objects not in (None, "1"):
+        raise click.UsageError(f"--objects {objects}: the {segments} source finds one segment per image, and a "
+                               "two-object pair needs two segments of one image; use --objects 1")
 
 
 def _fail(error: Exception) -> None:
@@ -123,7 +127,7 @@ def main():
               help="Root seed: the same options and seed give byte-identical shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel worker processes (one shard each). Default: all cores.")
-@click.option("--objects", type=click.Choice(OBJECT_MODES), default=None,
+@click.option("--objects", type=click.Choice(OBJECT_MODES), default=BuildConfig.objects,
               help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half. "
                    "Default: mix, or 1 for --segments lost (one segment per image).")
 @click.option("--style", type=click.Choice(("auto",) + STYLE_METHODS), default="auto", show_default=True,
@@ -133,7 +137,8 @@ def main():
 @click.option("--style-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of style images (the paper: the Brueghel paintings); needed by adain and color.")
 @click.option("--adain-vgg", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="AdaIN encoder weights (vgg_normalised.pth). Default: $SEGSWAP_ADAIN_VGG or ~/.cache/segswap/adain/.")
+              help="AdaIN encoder weights (vgg_normalised.pth). "
+                   "Default: $SEGSWAP_ADAIN_VGG or ~/.cache/segswap/adain/.")
 @click.option("--adain-decoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="AdaIN decoder weights (decoder.pth, or one trained on your style collection). "
                    "Default: $SEGSWAP_ADAIN_DECODER or ~/.cache/segswap/adain/.")
@@ -174,10 +179,11 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
     Re-running the same command resumes an interrupted build (only unfinished shards are
     rebuilt); a larger --n extends it.
     """
-    from datagen.build.lock import LockedError
-    from datagen.build.run import BuildError, StyleSpec, build as run_build, default_workers
+    from datagen.runner.lock import LockedError
+    from datagen.runner.run import BuildError, StyleOptions, StyleSpec, default_workers
+    from datagen.runner.run import build as run_build
 
-    objects = _objects_for(segments, objects)
+    _check_objects(segments, objects)
     style = _resolve_style(style, style_dir)
     warp = WarpConfig(rotation_deg=rotation, aspect_min=aspect_min, tps_prob=tps_prob)
     try:
@@ -191,9 +197,9 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
                         progress=not no_progress)
     started = time.perf_counter()
     try:
-        style_spec = StyleSpec({"style_dir": style_dir} if style == "color" else
-                               {"style_dir": style_dir, "vgg_path": adain_vgg, "decoder_path": adain_decoder,
-                                "device": style_device})
+        style_spec = StyleSpec(StyleOptions(style_dir=style_dir) if style == "color" else
+                               StyleOptions(style_dir=style_dir, vgg_path=adain_vgg, decoder_path=adain_decoder,
+                                            device=style_device))
         manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
                              overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
                              show_progress=not no_progress, style=style_spec)
@@ -257,7 +263,7 @@ def segments_scan(segments, coco_root, coco_split, images, dino_weights, max_siz
     Example: datagen segments --source lost --images artworks/ --out bank/ (then `datagen segments eval
     --help` to score it against ground-truth masks).
     """
-    from datagen.build.run import prepare_bank
+    from datagen.runner.inputs import prepare_bank
 
     spec = _source_spec(segments, coco_root, coco_split, images, dino_weights, max_size, device,
                         progress=not no_progress)
@@ -350,8 +356,8 @@ def preview(shards, out_path, n, seed, fill):
     SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
     quoted) or one .tar file.
     """
-    from datagen.preview import write_preview
     from datagen.format.shardset import resolve_shard_set
+    from datagen.preview import write_preview
 
     problems: list[str] = []
     try:

@@ -8,11 +8,27 @@ recorded beside it in the manifest.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 OBJECT_MODES = ("1", "2", "mix")
 BLEND_METHODS = ("poisson", "cv2", "paste")
 STYLE_METHODS = ("none", "color", "adain")
+ONE_SEGMENT_SOURCES = ("lost",)
+"""Sources that find one segment per image: a two-object pair needs two segments of one image, so
+their builds make one-object pairs only (``objects`` '1')."""
+
+
+def options_from(cls, options: Mapping, owner: str):
+    """``cls(**options)`` for an options dataclass; an option it does not know is a ValueError
+    naming the option, ``owner`` (e.g. "the coco source") and the options it has, rather than
+    being dropped."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"of {owner}; its options: {', '.join(known)}")
+    return cls(**options)
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,8 @@ class WarpConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How pairs are built and written. Defaults follow the paper and its released code."""
+    """How pairs are built and written. Defaults follow the paper and its released code, and are
+    the command line's (``datagen build`` reads them from here)."""
 
     segments: str = "coco"
     """Segment source name (see datagen.segments)."""
@@ -59,16 +76,19 @@ class BuildConfig:
     """Side of the square source and target images, in pixels."""
     stride: int = 16
     """Correspondence grid stride in pixels: 480 / 16 = a 30 x 30 grid."""
-    objects: str = "1"
-    """'1' one-object pairs, '2' two-object pairs, 'mix' half and half."""
+    objects: str | None = None
+    """'1' one-object pairs, '2' two-object pairs, 'mix' half and half. None (the default) becomes
+    'mix', or '1' for a source of :data:`ONE_SEGMENT_SOURCES` (one segment per image)."""
     dilation_px: int = 20
     """The segment mask is dilated by this many pixels at the source's own resolution."""
     border_crop_prob: float = 0.2
     """Probability that the source is cropped so that the object touches its nearest border."""
     blend: str = "poisson"
     """'poisson' (our DST solver, same equations as cv2 NORMAL_CLONE), 'cv2' (cv2.seamlessClone), 'paste'."""
-    style: str = "none"
-    """'none', 'adain' (AdaIN, paper section 3.1) or 'color' (weight-free Lab colour transfer)."""
+    style: str = "adain"
+    """'adain' (AdaIN, paper section 3.1: both images of every pair are stylised), 'color'
+    (weight-free Lab colour transfer) or 'none'. 'adain' and 'color' need a folder of style
+    images (see :class:`datagen.runner.styling.StyleOptions`)."""
     style_alpha_max: float = 1.0
     """Each image's style strength is alpha ~ U[0, style_alpha_max)."""
     style_batch: int = 8
@@ -90,14 +110,21 @@ class BuildConfig:
     """Images with more pixels than this are rejected as too large."""
     warp: WarpConfig = field(default_factory=WarpConfig)
 
+    def __post_init__(self):
+        if self.objects is None:  # resolved here, so that the hash never sees None
+            object.__setattr__(self, "objects", "1" if self.segments in ONE_SEGMENT_SOURCES else "mix")
+
     @property
     def grid_size(self) -> int:
         return self.image_size // self.stride
 
-    def validate(self) -> "BuildConfig":
+    def validate(self) -> BuildConfig:
         """Raise ValueError naming the option when a value is out of range."""
         checks = [
             (self.objects in OBJECT_MODES, f"objects must be one of {OBJECT_MODES}, got {self.objects!r}"),
+            (self.objects == "1" or self.segments not in ONE_SEGMENT_SOURCES,
+             f"objects {self.objects!r}: the {self.segments} source finds one segment per image, and a "
+             "two-object pair needs two segments of one image; use objects '1'"),
             (self.blend in BLEND_METHODS, f"blend must be one of {BLEND_METHODS}, got {self.blend!r}"),
             (self.style in STYLE_METHODS, f"style must be one of {STYLE_METHODS}, got {self.style!r}"),
             (0 < self.style_alpha_max <= 1, f"style_alpha_max must be in (0, 1], got {self.style_alpha_max}"),
@@ -124,7 +151,7 @@ class BuildConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BuildConfig":
+    def from_dict(cls, data: dict) -> BuildConfig:
         data = dict(data)
         warp = dict(data.pop("warp", {}) or {})
         if "tps_grid_sizes" in warp:

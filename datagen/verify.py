@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from datagen.format.manifest import MANIFEST_NAME, ManifestError, fingerprint, read_sample_rows, samples_name
 from datagen.format.grids import recompute_grids
+from datagen.format.hashing import sha256_file
+from datagen.format.manifest import MANIFEST_NAME, ManifestError, fingerprint, read_sample_rows, samples_name
 from datagen.format.schema import SchemaError, decode_sample
 from datagen.format.shards import ShardError, iter_tar_samples, parse_shard_index, sample_sha256
-from datagen.format.hashing import sha256_file
 from datagen.format.shardset import resolve_shard_set
 
 FLOW_TOLERANCE = 2e-3

@@ -4,7 +4,25 @@ generator, not from a library's initialiser, so they are the same whatever the t
 version."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def _write_marker(path: str) -> str:
+    Path(path).write_text("the pickled payload ran")
+    return "payload"
+
+
+class PicklePayload:
+    """A hostile object in a weights file: unpickling it writes ``marker`` (a loader that runs
+    pickled code fails the test that finds the file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_write_marker, (self.marker,))
 
 
 def official_shapes() -> dict[str, tuple]:

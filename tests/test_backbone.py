@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from official_weights import PicklePayload
 
 from trainer import backbone as bb
-from trainer.backbone import (IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneWeightsError, find_backbone_weights,
-                              load_backbone_weights, normalise)
+from trainer.backbone import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneWeightsError,
+    find_backbone_weights,
+    load_backbone_weights,
+    normalise,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -166,31 +174,16 @@ def test_missing_file_is_named(tmp_path, shared):
         load_backbone_weights(shared, path)
 
 
-def _write_marker(path: str) -> str:
-    Path(path).write_text("the pickled payload ran")
-    return "payload"
-
-
-class _Payload:
-    """Unpickling this object would call _write_marker(marker)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_write_marker, (self.marker,))
-
-
 def test_pickled_object_is_never_run(tmp_path, shared):
     # control: the payload does write its marker when unpickled without protection
     control = tmp_path / "control_marker"
-    pickle.loads(pickle.dumps(_Payload(control)))
+    pickle.loads(pickle.dumps(PicklePayload(control)))
     assert control.exists()
 
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        torch.save({"conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, f)
+        torch.save({"conv1.weight": torch.zeros(1), "payload": PicklePayload(marker)}, f)
     with pytest.raises(BackboneWeightsError, match="weights-only") as info:
         load_backbone_weights(shared, path)
     assert str(path) in str(info.value)

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import all_output, build_args, run_cli, shard_files
+from PIL import Image
 from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
+
 from datagen.format.manifest import read_sample_rows
 
 N_PAIRS = 30

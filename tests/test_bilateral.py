@@ -8,8 +8,16 @@ from scipy.sparse import diags
 from scipy.sparse.linalg import cg, spsolve
 from skimage import data
 
-from datagen.segments.bilateral import (BilateralGrid, SolverConfig, bilateral_solve, bistochastize, build_system,
-                               conjugate_gradient, rgb_to_yuv, solve)
+from datagen.segments.bilateral import (
+    BilateralGrid,
+    SolverConfig,
+    bilateral_solve,
+    bistochastize,
+    build_system,
+    conjugate_gradient,
+    rgb_to_yuv,
+    solve,
+)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

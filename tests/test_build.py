@@ -14,9 +14,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import (
+    REFERENCE_N,
+    REFERENCE_SHARD_SIZE,
+    REFERENCE_SHARDS,
+    all_output,
+    build_args,
+    output_files,
+    run_cli,
+    shard_files,
+)
 
-from conftest import (REFERENCE_N, REFERENCE_SHARD_SIZE, REFERENCE_SHARDS, all_output, build_args,
-                      output_files, run_cli, shard_files)
 from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig
 from datagen.format.hashing import config_hash
@@ -169,7 +177,7 @@ def test_workers_end_with_their_build_and_the_rerun_equals_an_uninterrupted_buil
 
 
 def test_a_second_build_on_the_same_folder_stops_at_once_naming_the_first(reference_copy):
-    from datagen.build.lock import OutputLock
+    from datagen.runner.lock import OutputLock
 
     before = file_ids(reference_copy, "shard-*")
     with OutputLock(reference_copy, "datagen build"):
@@ -191,16 +199,19 @@ def test_temporary_files_of_a_killed_build_are_removed_by_the_next(reference_cop
 
 def test_resuming_with_a_current_bank_does_not_load_the_annotations_again(reference, reference_copy, monkeypatch):
     """Parsing COCO's annotations takes a minute: a resume whose bank matches skips it."""
-    import datagen.build.run
+    import datagen.runner.inputs
 
     (reference_copy / stats_name(2)).unlink()
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the source was loaded although its bank is current")
 
-    monkeypatch.setattr(datagen.build.run, "get_source", no_loading)
+    monkeypatch.setattr(datagen.runner.inputs, "get_source", no_loading)
     run_cli(build_args(reference_copy))
     assert_same_outputs(reference_copy, reference)
+    (reference_copy / "bank" / "inputs.json").unlink()  # the control: a bank to scan loads the source
+    with pytest.raises(AssertionError, match="loaded although its bank is current"):
+        run_cli(build_args(reference_copy))
 
 
 @pytest.mark.parametrize("damage", ["delete_stats_marker", "truncate_tar", "flip_a_byte", "zero_a_run"])

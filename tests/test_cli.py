@@ -7,8 +7,8 @@ import re
 import click
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import all_output, build_args, make_runner, run_cli
+
 from datagen.cli import main
 from datagen.segments.bank import SegmentBank
 
@@ -122,3 +122,81 @@ def test_a_shard_whose_every_attempt_fails_says_why_in_words(tmp_path):
     message = all_output(result)
     assert re.search(r"100 attempts in a row failed; most common: small_mask \d+(, \w+ \d+)*; last: ", message), message
     assert "Traceback" not in message and "[(" not in message
+
+
+# -- the command line's defaults are the library's -------------------------------------------
+
+CONFIG_FIELDS = {"segments": "segments", "min_area": "min_area", "image_size": "image_size", "stride": "stride",
+                 "objects": "objects", "dilation": "dilation_px", "border_crop_prob": "border_crop_prob",
+                 "blend": "blend", "style": "style", "jpeg_quality": "jpeg_quality", "shard_size": "shard_size",
+                 "rotation": "warp.rotation_deg", "aspect_min": "warp.aspect_min", "tps_prob": "warp.tps_prob"}
+"""Option of ``datagen build`` / ``datagen segments scan`` -> the BuildConfig field it sets."""
+
+
+def typed_defaults() -> dict:
+    """Option -> the default of the typed option class (source, style) it fills."""
+    import inspect
+
+    from datagen.runner.styling import StyleOptions
+    from datagen.segments.coco_source import CocoOptions
+    from datagen.segments.lost_source import LostOptions
+    from datagen.style.adain import AdainStylizer
+
+    adain_device = inspect.signature(AdainStylizer).parameters["device"].default  # StyleOptions.device None: its own
+    return {"coco_root": CocoOptions.root, "coco_split": CocoOptions.split, "images": LostOptions.images_dir,
+            "dino_weights": LostOptions.dino_weights, "max_size": LostOptions.max_size,
+            "dino_device": LostOptions.device, "device": LostOptions.device, "style_dir": StyleOptions.style_dir,
+            "adain_vgg": StyleOptions.vgg_path, "adain_decoder": StyleOptions.decoder_path,
+            "style_device": adain_device}
+
+
+RUN_OPTIONS = {"n": None, "out_dir": None, "seed": 0, "overwrite": False, "no_progress": False,
+               "workers": None, "manifests_dir": None}
+"""Options of how and where a build runs, with the library's default (``build()``'s; None: the
+command's own). ``--workers`` (all cores) and ``--manifests-dir`` (a copy in ./manifests) are the
+command's only: the bytes do not depend on either, and a library call starts no processes and
+writes no copy unless asked."""
+
+
+@pytest.mark.parametrize("command", ["build", "segments scan"])
+def test_every_option_that_sets_the_config_or_an_option_class_has_its_default(command, monkeypatch):
+    import dataclasses
+
+    from datagen.cli import _resolve_style
+    from datagen.config import BuildConfig, WarpConfig
+
+    def field_defaults(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    defaults = {**field_defaults(BuildConfig), **{f"warp.{k}": v for k, v in field_defaults(WarpConfig).items()}}
+    config, typed = BuildConfig(), typed_defaults()
+    params = [p for p in command_of(command).params if isinstance(p, click.Option) and p.name != "help"]
+    assert params
+    for param in params:
+        name = param.name
+        if name == "style":  # 'auto': AdaIN when its weights are found, i.e. the config's 'adain'
+            assert param.default == "auto"
+            monkeypatch.setattr("datagen.style.adain_net.find_adain_weights", lambda *a, **k: None)
+            assert _resolve_style(param.default, "styles/") == config.style == "adain"
+        elif name in CONFIG_FIELDS:
+            value = defaults[CONFIG_FIELDS[name]]
+            assert param.default == value, f"--{name} defaults to {param.default!r}, BuildConfig to {value!r}"
+        elif name in typed:
+            assert param.default == typed[name], (
+                f"--{name} defaults to {param.default!r}, its option class to {typed[name]!r}")
+        else:
+            assert name in RUN_OPTIONS, f"--{name} is neither a config field, a typed option nor a run option"
+
+
+def test_the_objects_default_is_mix_or_one_for_lost_and_hashes_as_given():
+    """--objects' default (None) is resolved by BuildConfig, so the command and the library make
+    the same config: 'mix', or '1' for lost, whose images hold one segment each."""
+    from datagen.config import BuildConfig
+    from datagen.format.hashing import config_hash
+
+    assert BuildConfig().objects == "mix" and BuildConfig(segments="lost").objects == "1"
+    assert BuildConfig(objects="2").objects == "2"
+    assert config_hash(BuildConfig()) == config_hash(BuildConfig(objects="mix"))
+    assert BuildConfig.from_dict(BuildConfig().to_dict()) == BuildConfig()
+    with pytest.raises(ValueError, match="one segment per image"):
+        BuildConfig(segments="lost", objects="mix").validate()

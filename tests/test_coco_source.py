@@ -1,17 +1,19 @@
 """CocoSource on the embedded sample and on modified copies of its annotations."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-
-from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
-from datagen.segments import SOURCES, get_source
-from datagen.segments.coco_source import CocoSource, NotCocoError, coco_paths
 from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
+
+from datagen.cli import SAMPLE_ROOT
+from datagen.segments import SOURCES, get_source
+from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
+from datagen.segments.coco_source import CocoSource, NotCocoError, coco_paths
 
 ANNOTATIONS = SAMPLE_ANNOTATIONS
 IMAGES = SAMPLE_IMAGES
@@ -110,6 +112,38 @@ def test_coco_paths(tmp_path):
                                                tmp_path / "val2017")
     source = get_source("coco", root=tmp_path, split="val2017", min_area=MIN_AREA)
     assert source.name == "coco" and source.images_dir == tmp_path / "val2017"
+
+
+def test_options_are_typed_and_an_unknown_one_is_an_error_naming_it(tmp_path):
+    from datagen.runner.inputs import SourceSpec
+    from datagen.segments import source_inputs
+    from datagen.segments.coco_source import CocoOptions
+
+    for call in (lambda: get_source("coco", root=SAMPLE_ROOT, spilt="train2017"),
+                 lambda: source_inputs("coco", root=SAMPLE_ROOT, spilt="train2017"),
+                 lambda: SourceSpec("coco", {"root": SAMPLE_ROOT, "spilt": "train2017"})):
+        with pytest.raises(ValueError, match="unknown option 'spilt' of the coco source; its options: root, split"):
+            call()
+    with pytest.raises(ValueError, match="not both"):
+        CocoOptions(root=SAMPLE_ROOT, annotations=ANNOTATIONS)
+    with pytest.raises(ValueError, match="needs root=, or annotations= and images_dir="):
+        CocoOptions(annotations=ANNOTATIONS)
+    spec = SourceSpec("coco", {"annotations": ANNOTATIONS, "images_dir": IMAGES})
+    assert spec.options == CocoOptions(annotations=ANNOTATIONS, images_dir=IMAGES)
+    assert spec.to_json() == {"name": "coco", "options": {"annotations": str(ANNOTATIONS), "images_dir": str(IMAGES)}}
+    assert source_inputs("coco", **spec.kwargs()).sha256 == hashlib.sha256(ANNOTATIONS.read_bytes()).hexdigest()
+
+
+def test_the_recorded_options_are_those_recorded_before_they_were_typed():
+    """A bank is current only if its recorded options are equal: the command's record must not
+    change (else every existing build would scan its source again)."""
+    from datagen.runner.inputs import SourceSpec
+    from datagen.segments.coco_source import CocoOptions
+
+    root = SAMPLE_ROOT.resolve()
+    old = {"name": "coco", "options": {k: str(v) for k, v in sorted({"root": root, "split": "train2017"}.items())}}
+    assert SourceSpec("coco", CocoOptions(root=root, split="train2017")).to_json() == old
+    assert SourceSpec("coco", {"root": root, "split": "train2017"}).to_json() == old
 
 
 def test_unknown_source_lists_known_names():

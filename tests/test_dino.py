@@ -5,10 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from datagen.segments.dino import (DINO_ENV, DINO_FILE, DINO_URL, IMAGENET_MEAN, DinoWeightsError, find_dino_weights,
-                          dino_pos_embed, image_batch, last_keys, load_dino, make_vit)
 from official_weights import official_state
+
+from datagen.segments.dino import (
+    DINO_ENV,
+    DINO_FILE,
+    DINO_URL,
+    IMAGENET_MEAN,
+    DinoWeightsError,
+    dino_pos_embed,
+    find_dino_weights,
+    image_batch,
+    last_keys,
+    load_dino,
+    make_vit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +50,8 @@ def test_wrapped_checkpoints_load(tmp_path, wrap):
     if wrap == "teacher_student":  # DINO's full checkpoint: the teacher is the one evaluated
         checkpoint = {"student": {f"module.backbone.{k}": v + 1 for k, v in state.items()},
                       "teacher": {**{f"backbone.{k}": v for k, v in state.items()},
-                                  "head.mlp.0.weight": torch.zeros(2048, 384), "head.last_layer.weight_g": torch.ones(1)},
+                                  "head.mlp.0.weight": torch.zeros(2048, 384),
+                                  "head.last_layer.weight_g": torch.ones(1)},
                       "epoch": 100, "args": "not a tensor"}
     elif wrap == "module_prefix":
         checkpoint = {f"module.{k}": v for k, v in state.items()}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import all_output, make_runner
+
 from trainer.cli import main
 from trainer.config import TrainConfig, TransformerConfig
 from trainer.evaluate import (

@@ -3,8 +3,15 @@ import cv2
 import numpy as np
 import pytest
 
-from datagen.format.warps import (SegmentWarp, ThinPlateSpline, cycle_consistent_masks, grid_centres, sample_grid, warp_grid)
-from datagen.synth.geometry import (catmull_rom_matrix, mask_boundary, place_in_region, rotation_aspect_matrix, warp_roi)
+from datagen.format.warps import (
+    SegmentWarp,
+    ThinPlateSpline,
+    cycle_consistent_masks,
+    grid_centres,
+    sample_grid,
+    warp_grid,
+)
+from datagen.synth.geometry import catmull_rom_matrix, mask_boundary, place_in_region, rotation_aspect_matrix, warp_roi
 
 CELL = 1 / 30  # one grid cell of a 30 x 30 grid, normalised
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import all_output, make_runner
+
 from datagen.cli import main as datagen_main
 from datagen.format.manifest import samples_name
 from datagen.format.shards import ShardWriter, iter_tar_samples, sample_key, shard_name

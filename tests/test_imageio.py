@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import SAMPLE_IMAGES
 
 from datagen.format.imageio import BadInput, check_jpeg_complete, load_rgb
-from synthetic import SAMPLE_IMAGES
 
 JPEG = SAMPLE_IMAGES / "000000000009.jpg"  # 400 x 300
 

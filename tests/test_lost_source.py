@@ -14,16 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from pycocotools import mask as mask_utils
-
 from conftest import all_output, build_args, run_cli
-from datagen.segments.dino import DINO_ENV, DINO_FILE, DinoWeightsError
-from datagen.synth.sampling import Sampler
-from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
-from datagen.segments import get_source, source_inputs
-from datagen.segments.lost_source import CATEGORY, LostConfig, LostSource, folder_fingerprint, image_files, working_size
 from official_weights import official_state
+from pycocotools import mask as mask_utils
 from synthetic import SAMPLE_IMAGES
+
+from datagen.segments import get_source, source_inputs
+from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
+from datagen.segments.dino import DINO_ENV, DINO_FILE, DinoWeightsError
+from datagen.segments.lost_source import CATEGORY, LostConfig, LostSource, folder_fingerprint, image_files, working_size
+from datagen.synth.sampling import Sampler
 
 MAX_SIZE = 96
 """Images are processed at 96 px (6 x 4 patches): fast, and exercises the downscaling."""
@@ -97,6 +97,39 @@ def test_inputs_change_with_the_weights_and_settings_but_not_the_device(images, 
                source_inputs("lost", images_dir=images, dino_weights=weights, max_size=512),
                source_inputs("lost", images_dir=images, dino_weights=weights, k=50)]
     assert len({base.sha256, *(inputs.sha256 for inputs in changed)}) == 4
+
+
+def test_options_are_typed_and_an_unknown_one_is_an_error_naming_it(images, weights):
+    from datagen.runner.inputs import SourceSpec
+    from datagen.segments.lost_source import LostOptions
+
+    for call in (lambda: get_source("lost", images_dir=images, dino_weights=weights, max_sise=64),
+                 lambda: source_inputs("lost", images_dir=images, dino_weights=weights, max_sise=64),
+                 lambda: SourceSpec("lost", {"images_dir": images, "max_sise": 64})):
+        with pytest.raises(ValueError, match="unknown option 'max_sise' of the lost source; its options: images_dir"):
+            call()
+    with pytest.raises(ValueError, match="max_size"):
+        LostOptions(images_dir=images, max_size=16)
+    spec = SourceSpec("lost", {"images_dir": images, "dino_weights": weights, "device": "cpu"})
+    assert spec.options == LostOptions(images_dir=images, dino_weights=weights, device="cpu")
+    assert source_inputs("lost", **spec.kwargs()) == source_inputs("lost", images_dir=images, dino_weights=weights)
+
+
+def test_the_recorded_options_are_those_recorded_before_they_were_typed(images, weights):
+    """The command's record of the lost options is unchanged (a bank is current only if it is
+    equal), leaves out the runtime options, and names k only when it is not LOST's."""
+    from datagen.runner.inputs import SourceSpec
+
+    given = {"images_dir": images, "max_size": 1024, "device": "cuda", "progress": False, "dino_weights": weights}
+    old = {k: str(v) for k, v in sorted(given.items()) if k not in ("device", "batch_size", "progress")}
+    assert SourceSpec("lost", given).to_json() == {"name": "lost", "options": old}
+    assert SourceSpec("lost", {**given, "k": 50}).to_json()["options"] == {**old, "k": "50"}
+
+
+def test_a_max_size_out_of_range_is_a_usage_error_before_any_work(images, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(build_args(out, extra=["--segments", "lost", "--images", images, "--max-size", 16]), expect=2)
+    assert "--max-size" in all_output(result) and not out.exists()
 
 
 def test_without_weights_the_error_names_the_file_to_get(images):
@@ -185,7 +218,7 @@ def lost_args(images, weights, *extra):
 
 @pytest.mark.slow
 def test_segments_lost_writes_a_bank_and_reuses_it_until_an_input_changes(images, weights, tmp_path, monkeypatch):
-    import datagen.build.run
+    import datagen.runner.inputs
 
     out = tmp_path / "bank"
     command = ["segments", "--source", "lost", *lost_args(images, weights), "--min-area", 0, "--out", out,
@@ -199,14 +232,14 @@ def test_segments_lost_writes_a_bank_and_reuses_it_until_an_input_changes(images
     bank = SegmentBank.load(out)
     assert len(bank) == 4 and bank.summary.source == "lost"
 
-    real_get_source = datagen.build.run.get_source
+    real_get_source = datagen.runner.inputs.get_source
 
     def no_scan(*args, **kwargs):
         raise AssertionError("LOST ran again although the bank is current")
 
-    monkeypatch.setattr(datagen.build.run, "get_source", no_scan)
+    monkeypatch.setattr(datagen.runner.inputs, "get_source", no_scan)
     run_cli(command)  # current: not scanned again
-    monkeypatch.setattr(datagen.build.run, "get_source", real_get_source)
+    monkeypatch.setattr(datagen.runner.inputs, "get_source", real_get_source)
     os.utime(images / "b.jpg", ns=(5, 5))
     assert "scanning lost segments" in all_output(run_cli(command))
     command[command.index("--max-size") + 1] = 64
@@ -225,7 +258,7 @@ def test_segments_lost_without_images_or_weights_are_clear_errors(images, tmp_pa
 
 @pytest.mark.slow
 def test_build_with_lost_segments_makes_pairs_and_resumes_without_lost(images, weights, tmp_path, monkeypatch):
-    import datagen.build.run
+    import datagen.runner.inputs
 
     out = tmp_path / "out"
     args = build_args(out, n=4, shard_size=2, extra=["--segments", "lost", *lost_args(images, weights),
@@ -242,7 +275,7 @@ def test_build_with_lost_segments_makes_pairs_and_resumes_without_lost(images, w
     assert all(row["background_image_id"] != row["source_image_id"] for row in accepted)
 
     (out / "shard-000001.stats.json").unlink()
-    monkeypatch.setattr(datagen.build.run, "get_source", lambda *a, **k: pytest.fail("LOST ran again on resume"))
+    monkeypatch.setattr(datagen.runner.inputs, "get_source", lambda *a, **k: pytest.fail("LOST ran again on resume"))
     assert "resuming: 1 of 2 shards" in all_output(run_cli(args))
 
 

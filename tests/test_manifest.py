@@ -10,9 +10,22 @@ import pytest
 
 from datagen.config import BuildConfig
 from datagen.format.hashing import config_hash
-from datagen.format.manifest import (SAMPLE_ROWS_SCHEMA, ManifestError, build_manifest, fingerprint, load_manifest,
-                              make_stats, package_versions, read_sample_rows, read_stats, samples_name,
-                              stats_name, write_manifest, write_sample_rows, write_stats)
+from datagen.format.manifest import (
+    SAMPLE_ROWS_SCHEMA,
+    ManifestError,
+    build_manifest,
+    fingerprint,
+    load_manifest,
+    make_stats,
+    package_versions,
+    read_sample_rows,
+    read_stats,
+    samples_name,
+    stats_name,
+    write_manifest,
+    write_sample_rows,
+    write_stats,
+)
 from datagen.format.schema import SCHEMA_VERSION
 from datagen.format.shards import sample_key, shard_name
 

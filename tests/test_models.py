@@ -1,6 +1,8 @@
 """The model registry and the cross-image transformer: shapes, attention masks, positional
 encoding, gradients, and that it can fit a tiny batch."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,7 +63,16 @@ def test_register_adds_a_factory_and_refuses_duplicates():
         with pytest.raises(ValueError, match="already registered"):
             register("test-identity")(factory)
     finally:
-        MODELS.pop("test-identity")
+        MODELS.unregister("test-identity")
+
+
+def test_listing_the_architectures_imports_no_network_module():
+    code = ("import sys; from trainer.models import MODELS; import trainer.cli; "
+            "assert MODELS.names() == ('ncnet', 'transformer'), MODELS.names(); "
+            "assert trainer.cli.ARCHITECTURES == MODELS.names(); "
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('trainer.models.')); "
+            "assert loaded == [], loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- Shapes and ranges ---

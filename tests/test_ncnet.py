@@ -7,20 +7,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import all_output, make_runner
-from datagen.format.hashing import config_hash
 from dense_conv4d import conv4d, dense_consensus
+
+from datagen.format.hashing import config_hash
 from trainer.cli import main
 from trainer.config import NCNetConfig, TrainConfig
 from trainer.data import make_loader
 from trainer.loop import FitOptions, Trainer, load_for_inference
 from trainer.loss import pair_loss
 from trainer.models import build_model
-from trainer.models.ncnet import (NeighbourhoodConsensus, SparseNCNet, match_heads, sparse_correlation,
-                                  top_matches)
-from trainer.models.sparse4d import (build_kernel_map, from_dense, kernel_offsets, site_coords, site_keys,
-                                     sparse_conv4d, to_dense)
+from trainer.models.ncnet import NeighbourhoodConsensus, SparseNCNet, match_heads, sparse_correlation, top_matches
+from trainer.models.sparse4d import (
+    build_kernel_map,
+    from_dense,
+    kernel_offsets,
+    site_coords,
+    site_keys,
+    sparse_conv4d,
+    to_dense,
+)
 
 IMAGES = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco" / "train2017"
 GRID = (2, 4, 5, 3, 4)

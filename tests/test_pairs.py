@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from datagen.config import BuildConfig, WarpConfig
-from datagen.format.warps import SegmentWarp, grid_centres
-from datagen.synth.pairs import PairBuilder, Rejected, border_crop_box, dilate, resize_mask
 from datagen.format.grids import recompute_grids
-from datagen.synth.sampling import Sampler, attempt_rng
+from datagen.format.warps import SegmentWarp, grid_centres
 from datagen.segments.bank import SegmentBank, write_bank
 from datagen.segments.coco_source import CocoSource
+from datagen.synth.pairs import PairBuilder, Rejected, border_crop_box, dilate, resize_mask
+from datagen.synth.sampling import Sampler, attempt_rng
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-
 from conftest import all_output, make_runner
-from datagen.format.imageio import load_rgb
+
 from datagen.format.draw import GAP
+from datagen.format.imageio import load_rgb
 from trainer.cli import main
 from trainer.config import TrainConfig, TransformerConfig
 from trainer.loop import FitOptions, Trainer

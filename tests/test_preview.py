@@ -7,12 +7,13 @@ import re
 import cv2
 import numpy as np
 import pytest
+from synthetic import GREY, shifted_square_pair
 
 from datagen.format.draw import GAP, correspondence_points, overlay_mask, render_contact_sheet, render_pair
-from datagen.preview import write_preview
 from datagen.format.schema import PairSample, encode_sample
 from datagen.format.shards import ShardWriter, sample_key, shard_name
-from synthetic import GREY, shifted_square_pair
+from datagen.preview import write_preview
+
 
 def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4) -> PairSample:
     return shifted_square_pair(key, shift, size, grid)

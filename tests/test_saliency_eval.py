@@ -7,12 +7,20 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import all_output, run_cli
 from pycocotools import mask as mask_utils
 
-from conftest import all_output, run_cli
-from datagen.segments.saliency_eval import (BETA2, COARSE, REFINED, THRESHOLDS, SaliencyScores, evaluate, fbeta,
-                                   precision_recall)
 from datagen.segments.bank import ImageRow, SegmentRow, write_bank
+from datagen.segments.saliency_eval import (
+    BETA2,
+    COARSE,
+    REFINED,
+    THRESHOLDS,
+    SaliencyScores,
+    evaluate,
+    fbeta,
+    precision_recall,
+)
 
 
 def counts(mask: np.ndarray) -> str:

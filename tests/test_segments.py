@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
+from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 
 from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
 from datagen.segments.coco_source import CocoSource
-from synthetic import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
 
 BANK_FILES = ("segments.parquet", "images.parquet", "skipped.parquet", "bank.json")
 

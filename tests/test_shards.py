@@ -7,11 +7,19 @@ import tarfile
 
 import numpy as np
 import pytest
-
-from datagen.format.schema import PairSample, decode_sample, encode_sample
-from datagen.format.shards import (ShardError, ShardWriter, iter_tar_samples, parse_shard_index, sample_key, sample_sha256, shard_name)
-from datagen.format.hashing import sha256_file
 from synthetic import shifted_square_pair
+
+from datagen.format.hashing import sha256_file
+from datagen.format.schema import PairSample, decode_sample, encode_sample
+from datagen.format.shards import (
+    ShardError,
+    ShardWriter,
+    iter_tar_samples,
+    parse_shard_index,
+    sample_key,
+    sample_sha256,
+    shard_name,
+)
 
 
 def make_sample(key: str, shift: int = 8, size: int = 64, grid: int = 4, seed: int = 0) -> PairSample:
@@ -77,7 +85,8 @@ def test_sample_checksum_is_what_reads_back_and_changes_with_any_byte(tmp_path):
     ]
     digests = {sample_sha256(m) for m in variants} | {sample_sha256(members)}
     assert len(digests) == 5
-    assert sample_sha256({"__key__": "k", "a": b"xy", "b": b"z"}) != sample_sha256({"__key__": "k", "a": b"x", "b": b"yz"})
+    assert (sample_sha256({"__key__": "k", "a": b"xy", "b": b"z"})
+            != sample_sha256({"__key__": "k", "a": b"x", "b": b"yz"}))
 
 
 def test_tar_members_are_reproducible(tmp_path):

@@ -5,8 +5,8 @@ import json
 import os
 
 import pytest
-
 from conftest import REFERENCE_SHARDS
+
 from datagen.format.manifest import ManifestError
 from datagen.format.shards import shard_name
 from datagen.format.shardset import ShardSetError, resolve_shard_set
@@ -26,7 +26,8 @@ def test_every_form_names_its_tars_with_their_manifest_entries(reference):
     assert names(part) == all_names[1:3] and not part.whole and part.fingerprint is None
     assert part.entry(part.tars[0]) == manifest["shards"][1]
     single = resolve_shard_set(reference / shard_name(3))
-    assert names(single) == [shard_name(3)] and single.entry(single.tars[0])["sha256"] == manifest["shards"][3]["sha256"]
+    assert names(single) == [shard_name(3)]
+    assert single.entry(single.tars[0])["sha256"] == manifest["shards"][3]["sha256"]
     listed = resolve_shard_set([reference / shard_name(2), reference / shard_name(0)])
     assert names(listed) == [shard_name(2), shard_name(0)]
 

@@ -5,12 +5,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import all_output, build_args, output_files, run_cli
 from skimage import data
 
-from conftest import all_output, build_args, output_files, run_cli
 from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig
-from datagen.build.run import SourceSpec, StyleSpec, build
+from datagen.runner.run import SourceSpec, StyleSpec, build
 from datagen.style.adain_net import make_decoder, make_full_vgg
 from trainer.data import iter_samples
 

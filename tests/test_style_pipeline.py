@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import output_files
 from skimage import data
 
-from conftest import output_files
 from datagen.cli import SAMPLE_ROOT
 from datagen.config import BuildConfig
-from datagen.build.run import SourceSpec, StyleSpec, build
+from datagen.runner.run import SourceSpec, StyleSpec, build
 from datagen.style import StyleError
 from datagen.style.adain_net import make_decoder, make_full_vgg
 from datagen.style.pipeline import BLOCK_DIR, BLOCK_PREFIX, LocalStyler, StyleServer

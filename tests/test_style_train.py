@@ -10,18 +10,23 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import all_output, run_cli
+
 from datagen.cli import main
 from datagen.style import StyleError
 from datagen.style.adain_net import load_decoder, make_full_vgg
 from datagen.style.train import (
+    DEFAULTS,
     PREVIEW_ROWS,
+    STATE_FORMAT,
     CropSampler,
+    DecoderTrainingSettings,
     StyleTrainError,
     content_loss,
     learning_rate,
+    load_state,
     preview_path,
+    state_path,
     style_loss,
     train_decoder,
 )
@@ -112,6 +117,67 @@ def test_learning_rate_decays_as_inverse_time():
     assert learning_rate(1e-4, 0.0, 10**6) == 1e-4
 
 
+# -- settings ----------------------------------------------------------------------------
+
+def test_settings_defaults_are_the_ports_and_the_command_lines():
+    assert (DEFAULTS.steps, DEFAULTS.batch_size, DEFAULTS.size, DEFAULTS.crop, DEFAULTS.lr, DEFAULTS.lr_decay,
+            DEFAULTS.style_weight, DEFAULTS.content_weight) == (160_000, 8, 512, 256, 1e-4, 5e-5, 10.0, 1.0)
+    command = main.commands["style"].commands["train"]
+    cli_defaults = {param.name: param.default for param in command.params}
+    for field, value in DEFAULTS.to_dict().items():
+        assert cli_defaults[field] == value, field
+
+
+def test_settings_validate_names_every_bad_value():
+    assert DEFAULTS.validate() is DEFAULTS
+    bad = DecoderTrainingSettings(steps=0, batch_size=0, size=20, crop=8, lr=0.0, lr_decay=math.inf,
+                                  style_weight=-1.0, content_weight=math.nan, save_every=-1, workers=-2)
+    with pytest.raises(StyleTrainError) as error:
+        bad.validate()
+    assert str(error.value) == (
+        "steps must be >= 1, got 0; batch size must be >= 1, got 0; crop must be >= 16, got 8; "
+        "lr must be > 0, got 0.0; lr decay must be >= 0, got inf; style weight must be >= 0, got -1.0; "
+        "content weight must be >= 0, got nan; save_every must be >= 0 (0: only at the end), got -1; "
+        "workers must be >= 0, got -2")
+    with pytest.raises(StyleTrainError, match=r"size \(shorter side, 20\) must be >= crop \(32\)"):
+        DecoderTrainingSettings(size=20, crop=32).validate()
+
+
+def test_settings_round_trip_through_a_dict():
+    settings = DecoderTrainingSettings(steps=7, lr=3e-4, device="cpu", workers=0)
+    assert DecoderTrainingSettings.from_dict(settings.to_dict()) == settings
+    assert DecoderTrainingSettings.from_dict({"seed": 3}) == DecoderTrainingSettings(seed=3)
+    with pytest.raises(ValueError, match="unknown decoder training setting.*: batch, vgg"):
+        DecoderTrainingSettings.from_dict({"batch": 4, "vgg": "x", "seed": 1})
+    assert list(settings.resume_dict()) == list(DecoderTrainingSettings.RESUME_FIELDS)
+    assert "steps" not in settings.resume_dict() and "device" not in settings.resume_dict()
+
+
+def test_train_decoder_refuses_an_unknown_option_before_any_work(tmp_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument.*stpes"):
+        train_decoder(tmp_path / "c", tmp_path / "s", tmp_path / "vgg.pth", tmp_path / "d.pth", stpes=3)
+    with pytest.raises(StyleTrainError, match="steps must be >= 1"):
+        train_decoder(tmp_path / "c", tmp_path / "s", tmp_path / "vgg.pth", tmp_path / "d.pth",
+                      DecoderTrainingSettings(steps=0))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_state_of_the_first_format_is_still_resumable(tmp_path):
+    # the `settings` record written by format 1 since its start: the fields that shape the decoder,
+    # then the digests of the inputs
+    data = {"content_files": "c" * 16, "style_files": "s" * 16, "vgg": "v" * 16}
+    record = {"batch_size": 2, "size": 48, "crop": 32, "lr": 0.0001, "lr_decay": 5e-05, "style_weight": 10.0,
+              "content_weight": 1.0, "seed": 2, **data}
+    path = state_path(tmp_path / "decoder.pth")
+    torch.save({"format": 1, "step": 3, "settings": record, "decoder": {}, "optimizer": {}}, path)
+    assert STATE_FORMAT == 1
+    settings = DecoderTrainingSettings(steps=10, batch_size=2, size=48, crop=32, seed=2, device="cpu", workers=0)
+    assert load_state(path, settings, data)["step"] == 3
+    with pytest.raises(StyleTrainError, match=r"other settings \(seed 2 -> 5; vgg 'vvvv"):
+        load_state(path, DecoderTrainingSettings(batch_size=2, size=48, crop=32, seed=5),
+                   {**data, "vgg": "w" * 16})
+
+
 # -- images ------------------------------------------------------------------------------
 
 def test_crops_are_seeded_and_do_not_depend_on_threads(folders):
@@ -187,8 +253,10 @@ def test_a_resumed_run_equals_an_uninterrupted_one(folders, tmp_path):
     first = train_decoder(folders["content"], folders["styles"], folders["vgg"], tmp_path / "parts.pth",
                           steps=2, seed=2, workers=0, **TINY)
     messages = []
+    # the settings object and the keywords are the same run: the resume accepts the state
+    settings = DecoderTrainingSettings(steps=4, seed=2, workers=0, batch_size=BATCH, size=SIZE, crop=CROP)
     rest = train_decoder(folders["content"], folders["styles"], folders["vgg"], tmp_path / "parts.pth",
-                         steps=4, seed=2, workers=0, resume=True, log=messages.append, **TINY)
+                         settings, resume=True, log=messages.append, progress=False)
     assert first + rest == whole
     assert messages[0] == f"resuming from {tmp_path / 'parts.state.pth'} after step 2"
     resumed, uninterrupted = (torch.load(tmp_path / name, weights_only=True) for name in ("parts.pth", "whole.pth"))

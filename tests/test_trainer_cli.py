@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import all_output, make_runner
+
 from datagen.format.shards import shard_name
 from trainer.cli import main
 from trainer.config import TrainConfig, TransformerConfig

@@ -135,9 +135,10 @@ def stream_keys(shards, capsys, batches: int = 12, **config) -> tuple[set, int, 
 ])
 def test_a_malformed_sample_is_skipped_and_named_and_the_rest_is_used(reference, tmp_path, capsys, damage,
                                                                        words):
-    import cv2
     import struct
     import zlib
+
+    import cv2
 
     from datagen.format.schema import encode_npy
     from datagen.format.shards import iter_tar_samples

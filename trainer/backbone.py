@@ -1,8 +1,10 @@
 """The frozen feature extractor (paper section 3.2): ResNet-50 up to conv4 (``layer3``).
 
 Features have stride 16 and 1024 channels and are L2-normalised over channels. The weights are
-MoCo-v2's (800 epochs), as in the paper; :func:`load_backbone_weights` is the only place that reads
-a weights file, and it reads it with ``weights_only=True`` (never unpickling arbitrary objects).
+MoCo-v2's (800 epochs), as in the paper; :func:`load_backbone_weights` is the only place that loads
+them, through :mod:`datagen.format.weights` (:data:`BACKBONE_WEIGHTS`: the search order shared by
+every network, ``weights_only=True``: never unpickling arbitrary objects); this module holds the
+key mapping of the checkpoint formats it accepts.
 """
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ import torchvision
 from torch import nn
 
 from datagen.format.hashing import sha256_file
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from datagen.format.imageio import IMAGENET_MEAN, IMAGENET_STD
+from datagen.format.weights import WeightsError, WeightsSpec, find_weights, load_weights
 
 STRIDE = 16
 CHANNELS = 1024
@@ -38,7 +39,7 @@ RANDOM = "random"
 _MOCO_PREFIX = "module.encoder_q."
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(WeightsError, RuntimeError):
     """A backbone weights file is missing, unreadable or not a ResNet-50 checkpoint."""
 
 
@@ -69,7 +70,7 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """Ignore ``mode``: the backbone stays in eval mode whatever its parent asks."""
         return super().train(False)
 
@@ -82,26 +83,6 @@ class Backbone(nn.Module):
         for name in LAYERS:
             x = getattr(self, name)(x)
         return F.normalize(x, dim=1)
-
-
-def _read_file(path: Path) -> object:
-    """The checkpoint's contents: safetensors, or a torch file read with ``weights_only=True``."""
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise BackboneWeightsError(f"{path}: reading .safetensors files needs the 'safetensors' "
-                                       f"package (pip install safetensors)") from error
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as error:
-            raise BackboneWeightsError(f"{path}: not a readable safetensors file ({error})") from error
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise BackboneWeightsError(
-            f"{path}: cannot be read as a weights-only torch checkpoint; it may hold pickled Python "
-            f"objects, which are never unpickled ({type(error).__name__}: {str(error)[:300]})") from error
 
 
 def _tensor_dict(obj: object) -> dict | None:
@@ -129,6 +110,15 @@ def _extract_state_dict(obj: object, path: Path) -> tuple[dict, str]:
     name = path.name.lower()
     timm = path.suffix == ".safetensors" or "timm" in name or name.startswith("pytorch_model")
     return plain, "timm" if timm else "torchvision"
+
+
+BACKBONE_WEIGHTS = WeightsSpec(
+    name="ResNet-50 backbone (MoCo-v2)", file_names=(MOCO_FILE, MOCO_TORCHVISION_FILE), env_var=ENV_VAR,
+    option="--backbone-weights", source=f"{MOCO_URL} (the MoCo authors' release)", convert=_extract_state_dict,
+    alternatives=f"--backbone-weights {RANDOM} trains without it (for smoke tests only).")
+"""The trainer's frozen backbone: MoCo-v2's checkpoint or its torchvision conversion in the caches,
+any torchvision / timm ResNet-50 state dict by path; ``convert`` gives (torchvision-named state
+dict, format name)."""
 
 
 def _check_keys(backbone: Backbone, state: dict, path: Path) -> dict:
@@ -159,37 +149,25 @@ def load_backbone_weights(backbone: Backbone, source: str | os.PathLike) -> dict
                       "meaningless and the trained model is only good for smoke tests", stacklevel=2)
         return {"source": RANDOM, "format": RANDOM, "sha256": None}
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise BackboneWeightsError(f"backbone weights file not found: {path}")
-    state, fmt = _extract_state_dict(_read_file(path), path)
+    try:
+        state, fmt = load_weights(BACKBONE_WEIGHTS, path)
+    except BackboneWeightsError:
+        raise
+    except WeightsError as error:  # the shared reader's: missing or unreadable file
+        raise BackboneWeightsError(str(error)) from None
     used = _check_keys(backbone, state, path)
     backbone.load_state_dict(used, strict=False)
     return {"source": str(path.resolve()), "format": fmt, "sha256": sha256_file(path)}
 
 
-def _cache_dirs() -> list[Path]:
-    """``$XDG_CACHE_HOME/segswap`` and torch hub's checkpoint directory (``$TORCH_HOME/hub/checkpoints``)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser())
-    torch_home = Path(os.environ.get("TORCH_HOME") or cache / "torch")
-    return [cache / "segswap", torch_home / "hub" / "checkpoints"]
-
-
 def find_backbone_weights(explicit: str | None) -> str:
-    """Path of the backbone weights (or "random"): ``explicit``, else ``$SEGSWAP_BACKBONE_WEIGHTS``, else the caches."""
-    for value, origin in ((explicit, "--backbone-weights"), (os.environ.get(ENV_VAR), f"${ENV_VAR}")):
-        if value:
-            if value == RANDOM:
-                return RANDOM
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise BackboneWeightsError(f"backbone weights file not found: {path} (given by {origin})")
-            return str(path)
-    dirs = _cache_dirs()
-    for name in (MOCO_FILE, MOCO_TORCHVISION_FILE):
-        for directory in dirs:
-            if (directory / name).is_file():
-                return str(directory / name)
-    raise BackboneWeightsError(
-        f"no backbone weights found. Download {MOCO_FILE} (the MoCo authors' release: {MOCO_URL}) and "
-        f"put it in {dirs[0]}/ or {dirs[1]}/, or pass --backbone-weights PATH, or set ${ENV_VAR}=PATH. "
-        f"--backbone-weights random trains without it (for smoke tests only).")
+    """Path of the backbone weights (or "random"): ``explicit``, else ``$SEGSWAP_BACKBONE_WEIGHTS``,
+    else ``moco_v2_800ep_pretrain.pth.tar`` or its torchvision conversion in the caches
+    (:func:`datagen.format.weights.find_weights`, the order shared by every network). "random" in
+    the option, or in the environment when no option is given, means no weights file."""
+    if explicit == RANDOM or (not explicit and os.environ.get(ENV_VAR) == RANDOM):
+        return RANDOM
+    try:
+        return str(find_weights(BACKBONE_WEIGHTS, explicit))
+    except WeightsError as error:
+        raise BackboneWeightsError(str(error)) from None

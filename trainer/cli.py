@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from .config import NCNetConfig, TrainConfig, TransformerConfig
+from .models import MODELS
 
 DEFAULTS = TrainConfig()
 TDEFAULTS = TransformerConfig()
 NDEFAULTS = NCNetConfig()
-ARCHITECTURES = ("transformer", "ncnet")
+ARCHITECTURES = MODELS.names()
+"""Choices of ``--arch``: the registered networks (listing them imports no network module)."""
 PRESETS = {
     "paper": {},
     "cpu": {"steps": 500, "image_size": 128, "d_model": 128, "feedforward": 256, "lr": 1e-3, "warmup": 10,
@@ -170,7 +172,8 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
     import warnings
 
     from .backbone import RANDOM, BackboneWeightsError, find_backbone_weights
-    from .loop import FitOptions, ResumeError, fit as run_fit
+    from .loop import FitOptions, ResumeError
+    from .loop import fit as run_fit
 
     try:
         weights = find_backbone_weights(backbone_weights)

@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-
 @dataclass(frozen=True)
 class TransformerConfig:
     """The cross-image transformer (paper section 3.2; the authors' "small" model)."""
@@ -47,7 +46,7 @@ class NCNetConfig:
     softmax over some 900 cells needs a margin of about ln 900 = 7, which 0.1 reaches with weights
     10 times smaller: in small tests it learns as fast as 1 does with a 10 times larger rate."""
 
-    def validate(self) -> "NCNetConfig":
+    def validate(self) -> NCNetConfig:
         checks = [
             (isinstance(self.k, int) and self.k >= 1, f"ncnet k must be a positive integer, got {self.k!r}"),
             (len(self.kernel_sizes) >= 1 and len(self.kernel_sizes) == len(self.channels),
@@ -106,7 +105,7 @@ class TrainConfig:
     def milestone_step(self) -> int:
         return self.milestone if self.milestone is not None else self.steps // 2
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         checks = [
             (self.positives >= 2 or self.negatives == 0, "--positives must be at least 2 to build negatives"),
             (self.negatives <= self.positives * (self.positives - 1),
@@ -131,7 +130,7 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         """The inverse of :meth:`to_dict`; a missing ``transformer`` or ``ncnet`` takes its defaults."""
         data = dict(data)
         transformer = TransformerConfig(**dict(data.pop("transformer", {}) or {}))

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from datagen.format.grids import recompute_grids
+from datagen.format.hashing import sha256_file
 from datagen.format.imageio import resize_image
 from datagen.format.schema import PairSample, decode_sample
 from datagen.format.shards import ShardError, iter_tar_samples
-from datagen.format.hashing import sha256_file
 from datagen.format.shardset import ShardSet, resolve_shard_set
 
 from .config import TrainConfig

@@ -225,8 +225,8 @@ class _Tally:
             "corr_within_1": corr["within_1"],
             "corr_cells": corr["cells"],
             "score_ap": average_precision(self.scores, self.labels) if negatives else float("nan"),
-            "pos_score_mean": _mean([s for s, l in zip(self.scores, self.labels) if l == 1]),
-            "neg_score_mean": _mean([s for s, l in zip(self.scores, self.labels) if l == 0]),
+            "pos_score_mean": _mean([s for s, label in zip(self.scores, self.labels) if label == 1]),
+            "neg_score_mean": _mean([s for s, label in zip(self.scores, self.labels) if label == 0]),
         }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import signal
 import sys
@@ -21,6 +20,8 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from datagen.format.atomic import atomic_write, atomic_write_bytes
+from datagen.format.device import resolve_device
 from datagen.format.hashing import config_hash
 
 from .backbone import Backbone, load_backbone_weights, normalise
@@ -45,13 +46,6 @@ class ResumeError(RuntimeError):
     """A checkpoint that does not belong to this run (other config or data) or is unreadable."""
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def negative_pairs(positives: int, negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(source index, target index) of the negatives: source i with target (i + k) mod P for
     k = 1..P-1 in turn (the authors' order), the first ``negatives`` of them."""
@@ -68,13 +62,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def atomic_save(payload: dict, path: Path) -> None:
-    """torch.save to ``path.tmp``, fsync, rename: a checkpoint file is never half written."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """torch.save through :func:`datagen.format.atomic.atomic_write` (``path.tmp``, fsync, rename):
+    a checkpoint file is never half written, and a failed save leaves the previous one."""
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path) -> dict:
@@ -124,7 +114,7 @@ class Trainer:
         self.config = config.validate()
         self.shards = shards
         self.options = options
-        self.device = pick_device(options.device)
+        self.device = resolve_device(options.device)
         self.run_dir = Path(options.run_dir)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         torch.manual_seed(config.seed)  # a random backbone is the same for the same seed
@@ -224,8 +214,7 @@ class Trainer:
                   "start_step": self.step, "device": str(self.device), "segswap_version": datagen.__version__,
                   "shards_checked": self.options.verify_shards is not False}
         path = self.run_dir / "run.json"
-        path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        return path
+        return atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
 
     def _on_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: stop now
@@ -281,7 +270,7 @@ class Trainer:
             self.save()
             logger.close()
         if skipped:
-            warnings.warn(f"{skipped} corrupt shards or samples were skipped (see the warnings above)")
+            warnings.warn(f"{skipped} corrupt shards or samples were skipped (see the warnings above)", stacklevel=2)
         return metrics
 
     def _predict_first(self, batch: dict) -> tuple:
@@ -322,7 +311,7 @@ def load_for_inference(path, device: str = "auto") -> Inference:
         record = dict(state.get("backbone") or {})
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
         raise ResumeError(f"{path}: not a trainer checkpoint ({type(error).__name__}: {error})") from error
-    target = pick_device(device)
+    target = resolve_device(device)
     return Inference(config, backbone.to(target).eval(), model.to(target).eval(), step, record)
 
 
@@ -339,7 +328,7 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency; keep training if it is broken
-            warnings.warn("tensorboard is not importable: no TensorBoard logs for this run")
+            warnings.warn("tensorboard is not importable: no TensorBoard logs for this run", stacklevel=2)
             self.tensorboard = None
         else:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))

@@ -45,7 +45,7 @@ class PairBatch:
     tgt_to_src: Tensor
     """(B, 2, ht, wt) x then y in [0, 1] of each target cell's correspondence in the source."""
 
-    def to(self, device) -> "PairBatch":
+    def to(self, device) -> PairBatch:
         """This batch with every tensor on ``device``."""
         return PairBatch(*(t.to(device) for t in (self.src_mask, self.tgt_mask, self.src_to_tgt, self.tgt_to_src)))
 

@@ -14,9 +14,8 @@ import cv2
 import numpy as np
 import torch
 
-from datagen.format.imageio import load_rgb
-from datagen.format.imageio import resize_image
 from datagen.format.draw import GAP
+from datagen.format.imageio import load_rgb, resize_image
 
 from .evaluate import features, run_pair
 from .loop import load_for_inference

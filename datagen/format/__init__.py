@@ -12,4 +12,11 @@ this package imports nothing else of ``datagen``.
 - :mod:`~datagen.format.warps`     the stored warps: thin-plate spline and segment warp
 - :mod:`~datagen.format.grids`     grid fields (correspondences, masks) recomputed from stored warps
 - :mod:`~datagen.format.draw`      a pair drawn for a person: outlines and correspondence lines
+
+And the few utilities both halves need, each in one place:
+
+- :mod:`~datagen.format.atomic`    atomic file writes (``<name>.tmp``, fsync, rename)
+- :mod:`~datagen.format.registry`  named registries (networks, style methods, segment sources)
+- :mod:`~datagen.format.weights`   finding and reading weights files: one search order for every network
+- :mod:`~datagen.format.device`    "auto", "cpu", "cuda:1" -> a torch device, with clear errors
 """

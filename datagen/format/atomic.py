@@ -8,8 +8,9 @@ as it was. Writers of one path are serialised by their owner (the build's lock, 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 
 def fsync_dir(directory) -> None:

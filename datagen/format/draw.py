@@ -9,7 +9,6 @@ import numpy as np
 
 from datagen.format.schema import PairSample
 
-
 GAP = 8
 """Pixels between source and target in a rendered pair."""
 

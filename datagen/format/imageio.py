@@ -148,6 +148,7 @@ def _check_size(path, image: np.ndarray, min_side: int, max_pixels: int,
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """Resize to size x size: bilinear, or area averaging when shrinking by 1.5x or more along an
-    axis (bilinear aliases there; area is 3x slower, so COCO's 640 -> 480 stays bilinear)."""
+    axis (bilinear aliases there; area costs more, so a mild shrink such as COCO's 640 -> 480
+    stays bilinear)."""
     shrink = max(image.shape[0], image.shape[1]) >= 1.5 * size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

@@ -9,7 +9,8 @@ For shard ``k`` a build writes, in this order:
 
 ``manifest.json`` then sums up all shards. It holds no timestamps, host names or command
 lines: the same build gives the same manifest bytes (package versions aside).
-Every file is written atomically (``<name>.tmp``, fsync, rename).
+Every file is written atomically (:func:`datagen.format.atomic.atomic_write_bytes`: ``<name>.tmp``,
+fsync, rename).
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
-import os
 import platform
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen.format.hashing import canonical_json, config_hash as compute_config_hash
+from datagen.format.atomic import atomic_write_bytes
+from datagen.format.hashing import canonical_json
+from datagen.format.hashing import config_hash as compute_config_hash
 from datagen.format.schema import SCHEMA_VERSION
 from datagen.format.shards import shard_name
 
@@ -62,23 +64,6 @@ _PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=
 
 class ManifestError(ValueError):
     """A manifest (or stats file) is missing or invalid; the message names the file."""
-
-
-def _atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via ``<path>.tmp`` + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _json_bytes(data) -> bytes:
@@ -128,7 +113,7 @@ def write_sample_rows(rows: list[dict], path) -> Path:
     table = sample_rows_table(rows)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **_PARQUET_OPTIONS)
-    return _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def read_sample_rows(path) -> list[dict]:
@@ -167,7 +152,7 @@ def write_stats(path, stats: dict) -> Path:
     missing = [key for key in STATS_KEYS if key not in stats]
     if missing:
         raise ValueError(f"{path}: stats lack keys {missing}")
-    return _atomic_write_bytes(path, _json_bytes(stats))
+    return atomic_write_bytes(path, _json_bytes(stats))
 
 
 def read_stats(path) -> dict | None:
@@ -201,7 +186,7 @@ def _version(distributions: tuple, module: str) -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     try:
-        return str(getattr(importlib.import_module(module), "__version__"))
+        return str(importlib.import_module(module).__version__)
     except Exception:  # noqa: BLE001 - a missing or broken package is recorded as None
         return None
 
@@ -292,10 +277,10 @@ def write_manifest(manifest: dict, out_dir, copies_dir=None) -> Path:
     """
     out_dir = Path(out_dir)
     data = _json_bytes(manifest)
-    path = _atomic_write_bytes(out_dir / MANIFEST_NAME, data)
+    path = atomic_write_bytes(out_dir / MANIFEST_NAME, data)
     if copies_dir is not None:
         copy_name = f"{out_dir.resolve().name}-{manifest['fingerprint'][:12]}.json"
-        _atomic_write_bytes(Path(copies_dir) / copy_name, data)
+        atomic_write_bytes(Path(copies_dir) / copy_name, data)
     return path
 
 

@@ -5,11 +5,11 @@ a sample's fields in sorted order, as ``webdataset.TarWriter`` writes them) with
 mode and mtime, so the same samples always give the same bytes. Its headers come from the stdlib
 ``tarfile`` module (``TarInfo.tobuf``) and each sample goes to the file in one write: importing
 webdataset imports torch (seconds and hundreds of MB in every build worker), which data
-generation has no use for, and ``TarFile.addfile`` streams every member through small buffers
-(0.7 against 0.5 ms a pair). The bytes are those ``TarFile`` writes (tested). It is written to
-``<path>.tmp`` and renamed to ``<path>`` only once complete: a file named ``shard-*.tar``
-is never half written. Reading uses the stdlib ``tarfile`` module only (no decoding, no
-unpickling): members are grouped by key into ``{"__key__": key, field: bytes}`` dicts.
+generation has no use for, and ``TarFile.addfile`` streams every member through small buffers.
+The bytes are those ``TarFile`` writes (tested). It is written to ``<path>.tmp`` and renamed to
+``<path>`` only once complete: a file named ``shard-*.tar`` is never half written. Reading uses
+the stdlib ``tarfile`` module only (no decoding, no unpickling): members are grouped by key into
+``{"__key__": key, field: bytes}`` dicts.
 """
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ import hashlib
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
+
+from datagen.format.atomic import fsync_dir, temporary_path
 
 SHARD_DIGITS = 6
 MAX_INDEX = 10 ** SHARD_DIGITS - 1
@@ -31,7 +34,7 @@ _COMPRESSED_MAGIC = (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ
                      ("lz4", b"\x04\x22\x4d\x18"))
 MAX_MEMBER_BYTES = 64 << 20
 """Largest tar member a reader takes (a 480 px pair's largest is about 60 KB)."""
-_SHARD_NAME = re.compile(r"^shard-(\d{%d,})\." % SHARD_DIGITS)
+_SHARD_NAME = re.compile(rf"^shard-(\d{{{SHARD_DIGITS},}})\.")
 
 
 class ShardError(Exception):
@@ -109,20 +112,6 @@ class _HashingFile:
         self.handle.flush()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Best effort: make a rename durable (not possible on every platform)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Write one tar shard atomically and reproducibly.
 
@@ -132,15 +121,16 @@ class ShardWriter:
             writer.write(encode_sample(sample, quality))
         writer.sha256, writer.bytes, writer.count
 
-    Samples go to ``<path>.tmp``; a clean exit flushes, fsyncs and renames it to ``path``
-    (replacing an older file). An exception inside the ``with`` removes the tmp file and
-    leaves ``path`` untouched. ``sha256`` and ``bytes`` (size of the tar file) are set after
-    a clean exit; ``count`` (samples written) is live.
+    Samples go to ``<path>.tmp`` (:func:`datagen.format.atomic.temporary_path`, streamed there
+    rather than written by :func:`~datagen.format.atomic.atomic_write` in one call); a clean exit
+    flushes, fsyncs and renames it to ``path`` (replacing an older file). An exception inside the
+    ``with`` removes the tmp file and leaves ``path`` untouched. ``sha256`` and ``bytes`` (size of
+    the tar file) are set after a clean exit; ``count`` (samples written) is live.
     """
 
     def __init__(self, path):
         self.path = Path(path)
-        self.tmp_path = Path(str(self.path) + ".tmp")
+        self.tmp_path = temporary_path(self.path)
         self.sha256: str | None = None
         self.bytes: int | None = None
         self.count = 0
@@ -150,7 +140,7 @@ class ShardWriter:
         self._hashing = None
         self._used = False
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         if self._used:
             raise RuntimeError(f"shard {self.path}: a ShardWriter writes one shard, once")
         self._used = True
@@ -210,7 +200,7 @@ class ShardWriter:
         except BaseException:
             self._abort()
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.sha256 = self._hashing.digest.hexdigest()
         self.bytes = self._hashing.bytes
         self._handle = None

@@ -40,7 +40,7 @@ class ThinPlateSpline:
     targets: np.ndarray
 
     @staticmethod
-    def random_grid(rng: np.random.Generator, grid: int, jitter: float) -> "ThinPlateSpline":
+    def random_grid(rng: np.random.Generator, grid: int, jitter: float) -> ThinPlateSpline:
         """A g x g control grid over [0, 1]^2 whose points move by U[-jitter/g, jitter/g]."""
         axis = np.linspace(0.0, 1.0, grid)
         controls = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
@@ -91,7 +91,7 @@ class ThinPlateSpline:
 
         Evaluated in float32 (accurate to ~1e-6 of the image, a few thousandths of a pixel at
         480 px), with (K, N) arrays built from contiguous coordinate rows, logarithms by cv2.log
-        (vectorised: 5x np.log's speed here, as accurate in float32) and the sums over the K
+        (vectorised, faster than np.log and as accurate in float32) and the sums over the K
         controls and the affine part in one np.einsum over a (1 or 3, K + 3, N) block of basis
         functions and their x and y derivatives (one call: its overhead is most of the time of a
         small evaluation, and the Newton inverse makes many). No BLAS, whose rounding can change
@@ -210,7 +210,7 @@ class ThinPlateSpline:
         return {"controls": self.controls.tolist(), "targets": self.targets.tolist()}
 
     @staticmethod
-    def from_json(data: dict) -> "ThinPlateSpline":
+    def from_json(data: dict) -> ThinPlateSpline:
         return ThinPlateSpline(np.asarray(data["controls"], float), np.asarray(data["targets"], float))
 
 
@@ -293,7 +293,7 @@ class SegmentWarp:
         }
 
     @staticmethod
-    def from_json(data: dict) -> "SegmentWarp":
+    def from_json(data: dict) -> SegmentWarp:
         tps = None if data.get("tps") is None else ThinPlateSpline.from_json(data["tps"])
         return SegmentWarp(np.asarray(data["affine"], float), tuple(data["src_size"]), tps)
 

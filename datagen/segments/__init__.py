@@ -6,8 +6,9 @@ checksums), found without loading it.
 - ``"lost"`` (:mod:`datagen.segments.lost_source`): unsupervised segments of any folder of images, LOST
   on DINO features refined by the bilateral solver.
 
-Entries are callables or ``"module:function"`` strings imported on first use, so that listing
-the names (the command line does) imports neither torch nor timm.
+Both tables are :class:`~datagen.format.registry.Registry` objects of lazy ``"module:function"``
+entries, imported on first use, so that listing the names (the command line does) imports neither
+torch nor timm. A new source adds its two functions to both, under the same name.
 
 The modules of this stage:
 
@@ -22,42 +23,32 @@ The modules of this stage:
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+from collections.abc import Callable
 
+from datagen.format.registry import Registry
 from datagen.segments.bank import SegmentSource, SourceInputs
 
-SOURCES: dict[str, Callable[..., SegmentSource] | str] = {
+SOURCES: Registry[Callable[..., SegmentSource]] = Registry("segment source", plural="sources", lazy={
     "coco": "datagen.segments.coco_source:make_coco_source",
     "lost": "datagen.segments.lost_source:make_lost_source",
-}
+})
 """Source name -> ``(min_area=..., **options) -> source``."""
-INPUTS: dict[str, Callable[..., SourceInputs] | str] = {
+INPUTS: Registry[Callable[..., SourceInputs]] = Registry("segment source", plural="sources", lazy={
     "coco": "datagen.segments.coco_source:coco_source_inputs",
     "lost": "datagen.segments.lost_source:lost_source_inputs",
-}
-"""Source name -> ``(**options) -> SourceInputs``, without loading the source."""
+})
+"""Source name -> ``(**options) -> SourceInputs``, without loading the source; the same names as
+:data:`SOURCES`."""
 RUNTIME_OPTIONS = ("device", "batch_size", "progress")
 """Options that change how a source runs, not which segments it finds: not recorded, so that
 e.g. resuming a build on another device does not rescan it."""
 
 
-def _lookup(table: dict, name: str) -> Callable:
-    try:
-        entry = table[name]
-    except KeyError:
-        raise ValueError(f"unknown segment source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
-    if isinstance(entry, str):
-        module, attribute = entry.split(":")
-        entry = getattr(importlib.import_module(module), attribute)
-    return entry
-
-
 def get_source(name: str, **options) -> SegmentSource:
     """The source ``name`` built with ``options``; ValueError listing the known names if unknown."""
-    return _lookup(SOURCES, name)(**options)
+    return SOURCES.get(name)(**options)
 
 
 def source_inputs(name: str, **options) -> SourceInputs:
     """What source ``name`` would read with ``options`` (image root, checksums), without loading it."""
-    return _lookup(INPUTS, name)(**{k: v for k, v in options.items() if k not in RUNTIME_OPTIONS})
+    return INPUTS.get(name)(**{k: v for k, v in options.items() if k not in RUNTIME_OPTIONS})

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
+
+from datagen.format.atomic import atomic_write_bytes, fsync_dir, temporary_path
 
 BANK_FORMAT = 1
 SEGMENTS_FILE = "segments.parquet"
@@ -181,27 +184,31 @@ class _ParquetRows:
 def write_bank(items: Iterable[BankItem], directory) -> BankSummary:
     """Write ``items`` (in the order given) as a bank in ``directory``; same items, same bytes.
 
-    All files are written under temporary names first; the old ``bank.json`` is removed
-    before the new files are renamed into place and the new ``bank.json`` comes last, so a
-    crash leaves either a complete bank or none.
+    The tables are written under temporary names (:func:`datagen.format.atomic.temporary_path`)
+    and fsynced; the old ``bank.json`` is removed before they are renamed into place, and the new
+    ``bank.json`` is written last (:func:`~datagen.format.atomic.atomic_write_bytes`) once the
+    renames are durable, so a crash leaves either a complete bank or none. The three tables are
+    written together from one pass over ``items``, hence not by ``atomic_write`` one by one.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    names = [SEGMENTS_FILE, IMAGES_FILE, SKIPPED_FILE, SUMMARY_FILE]
+    names = [SEGMENTS_FILE, IMAGES_FILE, SKIPPED_FILE]
     # fixed temporary names: a scan killed midway leaves files that the next scan overwrites
-    temporary = {name: directory / f".{name}.tmp" for name in names}
+    temporary = {name: temporary_path(directory / name) for name in names}
     try:
         summary = _write_tables(items, temporary)
-        temporary[SUMMARY_FILE].write_text(json.dumps(
-            {"format": BANK_FORMAT, **asdict(summary)}, sort_keys=True, indent=1) + "\n")
         for path in temporary.values():
             _fsync(path)
         (directory / SUMMARY_FILE).unlink(missing_ok=True)
+        fsync_dir(directory)  # no bank.json on disk before any table changes
         for name in names:
             os.replace(temporary[name], directory / name)
+        fsync_dir(directory)  # the tables in place before the new bank.json
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
+    atomic_write_bytes(directory / SUMMARY_FILE, (json.dumps(
+        {"format": BANK_FORMAT, **asdict(summary)}, sort_keys=True, indent=1) + "\n").encode())
     return summary
 
 
@@ -223,6 +230,7 @@ def _write_tables(items: Iterable[BankItem], paths: dict[str, Path]) -> BankSumm
 
 
 def _fsync(path: Path) -> None:
+    """Make the content of a file written (and closed) by another writer durable."""
     with open(path, "rb") as file:
         os.fsync(file.fileno())
 
@@ -258,7 +266,7 @@ class SegmentBank:
         )
 
     @classmethod
-    def load(cls, directory) -> "SegmentBank":
+    def load(cls, directory) -> SegmentBank:
         """Load the bank in ``directory``; FileNotFoundError / ValueError name the directory."""
         directory = Path(directory)
         missing = [name for name in (SUMMARY_FILE, SEGMENTS_FILE, IMAGES_FILE)

@@ -246,8 +246,8 @@ def conjugate_gradient(matrix: sparse.csr_matrix, rhs: np.ndarray, initial: np.n
     ``rtol``, ``atol=0``, ``maxiter=iterations``. Returns ((V,) solution, iterations run).
 
     Written out rather than calling scipy's because its vector products go through BLAS, whose
-    threads, for vectors of this size on a busy machine, made 25 iterations take ~1 s instead of
-    ~0.05 s; ``np.einsum`` sums products without BLAS.
+    threads make short vector products slow and erratic on a machine where other jobs run
+    (``benchmarks/bench_bilateral.py``); ``np.einsum`` sums products without BLAS.
     """
     values = np.array(initial, np.float64)
     residual = rhs - matrix @ values

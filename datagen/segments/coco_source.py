@@ -10,14 +10,16 @@ import contextlib
 import io
 import json
 import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datagen.segments.bank import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
+from datagen.config import options_from
 from datagen.format.hashing import sha256_file
+from datagen.segments.bank import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
 
 MAX_COORDINATE = 1e6
 """Polygon coordinates beyond +-this many pixels are rejected (the rasteriser uses C ints)."""
@@ -48,27 +50,55 @@ def coco_paths(root, split: str = "train2017") -> tuple[Path, Path]:
     return annotations, images_dir
 
 
-def coco_source_paths(*, root=None, split: str = "train2017", annotations=None, images_dir=None,
-                      **_) -> tuple[Path, Path]:
-    """(annotations JSON, images directory) of the source options, without reading either."""
-    if root is not None:
-        annotations, images_dir = coco_paths(root, split)
-    if annotations is None or images_dir is None:
-        raise ValueError("the coco source needs root=, or annotations= and images_dir=")
-    return Path(annotations), Path(images_dir)
+@dataclass(frozen=True)
+class CocoOptions:
+    """Options of the coco source: a COCO ``root`` in the standard layout with its ``split``, or
+    an ``annotations`` file and its ``images_dir`` (one form or the other). Paths are recorded
+    with a bank, not hashed into the config: moving COCO does not change a build."""
+
+    root: Path | str | None = None
+    split: str = "train2017"
+    annotations: Path | str | None = None
+    images_dir: Path | str | None = None
+
+    def __post_init__(self):
+        if self.root is not None and (self.annotations is not None or self.images_dir is not None):
+            raise ValueError("the coco source takes root= (and split=), or annotations= and images_dir=, not both")
+        if self.root is None and (self.annotations is None or self.images_dir is None):
+            raise ValueError("the coco source needs root=, or annotations= and images_dir=")
+
+    @classmethod
+    def of(cls, options: Mapping) -> CocoOptions:
+        """From keyword options; an unknown one is a ValueError naming it and the source."""
+        return options_from(cls, options, "the coco source")
+
+    def paths(self) -> tuple[Path, Path]:
+        """(annotations JSON, images directory), without reading either (the ``root`` form checks
+        that both exist: :func:`coco_paths`)."""
+        if self.root is not None:
+            return coco_paths(self.root, self.split)
+        return Path(self.annotations), Path(self.images_dir)
+
+    def record(self) -> dict[str, str]:
+        """The options as a bank's inputs record them: the form given, as strings (``split``
+        only with ``root``, where it means something)."""
+        given = {"root": self.root, "split": self.split} if self.root is not None else {
+            "annotations": self.annotations, "images_dir": self.images_dir}
+        return {key: str(value) for key, value in sorted(given.items())}
 
 
 def coco_source_inputs(**options) -> SourceInputs:
     """The images directory and the annotation file's sha256 (the source's checksum), found
-    without parsing the file."""
-    annotations, images_dir = coco_source_paths(**options)
+    without parsing the file. ``options``: the fields of :class:`CocoOptions`."""
+    annotations, images_dir = CocoOptions.of(options).paths()
     digest = sha256_file(annotations)
     return SourceInputs(image_root=images_dir.resolve(), record={"annotations_sha256": digest}, sha256=digest)
 
 
-def make_coco_source(*, min_area: float = 1024.0, **options) -> "CocoSource":
-    """A :class:`CocoSource` from a COCO ``root`` (+ ``split``) or from ``annotations`` and ``images_dir``."""
-    return CocoSource(*coco_source_paths(**options), min_area=min_area)
+def make_coco_source(*, min_area: float = 1024.0, **options) -> CocoSource:
+    """A :class:`CocoSource` of the :class:`CocoOptions` ``options`` (a COCO ``root`` and
+    ``split``, or ``annotations`` and ``images_dir``)."""
+    return CocoSource(*CocoOptions.of(options).paths(), min_area=min_area)
 
 
 class CocoSource:

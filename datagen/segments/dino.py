@@ -7,7 +7,9 @@ embeddings are interpolated to the image's grid exactly as DINO's own ``interpol
 does (:func:`dino_pos_embed`). The official DINO backbone file ``dino_deitsmall16_pretrain.pth``
 has exactly timm's key names (``cls_token``, ``pos_embed`` (1, 197, 384), ``patch_embed.proj.*``,
 ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``), so it loads
-without renaming; so do timm's own files (``.pth``/``.bin``/``.safetensors``). Files are read with ``torch.load(weights_only=True)`` only.
+without renaming; so do timm's own files (``.pth``/``.bin``/``.safetensors``). The file is found
+and read by :mod:`datagen.format.weights` (:data:`DINO_WEIGHTS`: one search order for every
+network, ``torch.load(weights_only=True)`` only); this module holds its key mapping.
 
 timm's own resampling (``dynamic_img_size=True``: bicubic with antialiasing, to an output size)
 differs from DINO's (torch's plain bicubic with a scale factor of (grid + 0.1) / 14) by 2-6 % of
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from datagen.format.device import resolve_device as resolve_device  # the name LOST's source imports
+from datagen.format.imageio import IMAGENET_MEAN, IMAGENET_STD
+from datagen.format.weights import WeightsError, WeightsSpec, find_weights, load_weights, search_dirs
 
 ARCH = "vit_small_patch16_224"
 PATCH = 16
@@ -33,8 +37,6 @@ HEADS = 6
 DINO_FILE = "dino_deitsmall16_pretrain.pth"
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
 DINO_ENV = "SEGSWAP_DINO_WEIGHTS"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CONTAINERS = ("teacher", "state_dict", "model", "student")
 """A checkpoint dict without tensors at its top level is unwrapped to the first of these keys
@@ -48,41 +50,30 @@ DROPPED = ("head.", "fc_norm.")
 """Keys of heads LOST does not use: DINO's projection head, a timm classifier."""
 
 
-class DinoWeightsError(ValueError):
+class DinoWeightsError(WeightsError, ValueError):
     """DINO weights that cannot be found or used; the message names the file and what to do."""
 
 
 def dino_cache_dirs() -> list[Path]:
-    """Where :func:`find_dino_weights` looks last: torch hub's checkpoint directory
-    (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``, where
-    ``torch.hub.load('facebookresearch/dino:main', 'dino_vits16')`` saves the file) and
-    ``${XDG_CACHE_HOME:-~/.cache}/segswap``."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    torch_home = Path(os.environ.get("TORCH_HOME") or cache / "torch")
-    return [torch_home / "hub" / "checkpoints", cache / "segswap"]
+    """Where :func:`find_dino_weights` looks after ``--dino-weights`` and ``$SEGSWAP_DINO_WEIGHTS``:
+    ``${XDG_CACHE_HOME:-~/.cache}/segswap``, then torch hub's checkpoints folder (by default
+    ``~/.cache/torch/hub/checkpoints``, where ``torch.hub.load('facebookresearch/dino:main',
+    'dino_vits16')`` saves the file); see :func:`datagen.format.weights.find_weights`."""
+    return search_dirs(DINO_WEIGHTS)
 
 
 def find_dino_weights(explicit=None) -> Path:
     """Path of the DINO ViT-S/16 weights: ``explicit`` (``--dino-weights``), else
-    ``$SEGSWAP_DINO_WEIGHTS``, else ``dino_deitsmall16_pretrain.pth`` in :func:`dino_cache_dirs`.
+    ``$SEGSWAP_DINO_WEIGHTS``, else ``dino_deitsmall16_pretrain.pth`` in :func:`dino_cache_dirs`
+    (:func:`datagen.format.weights.find_weights`, the order shared by every network).
 
     A path given explicitly or by the environment must exist (it is not replaced by a cached
     file). Raises :class:`DinoWeightsError` naming the file, its URL and where to put it.
     """
-    for value, origin in ((explicit, "--dino-weights"), (os.environ.get(DINO_ENV), f"${DINO_ENV}")):
-        if value is not None and str(value) != "":
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise DinoWeightsError(f"DINO weights file not found: {path} (given by {origin})")
-            return path
-    dirs = dino_cache_dirs()
-    for directory in dirs:
-        if (directory / DINO_FILE).is_file():
-            return directory / DINO_FILE
-    raise DinoWeightsError(
-        f"no DINO weights found: LOST needs the DINO ViT-S/16 backbone {DINO_FILE} "
-        f"(looked at ${DINO_ENV}, then in {' and '.join(map(str, dirs))}). Download it from {DINO_URL} "
-        f"and put it in {dirs[0]}/, or pass --dino-weights PATH, or set ${DINO_ENV}=PATH.")
+    try:
+        return find_weights(DINO_WEIGHTS, explicit)
+    except WeightsError as error:
+        raise DinoWeightsError(str(error)) from None
 
 
 VIT_S16 = dict(patch_size=PATCH, embed_dim=DIM, depth=12, num_heads=HEADS)
@@ -134,28 +125,6 @@ def make_vit() -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _read(path: Path) -> object:
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise DinoWeightsError(f"{path}: reading .safetensors needs the 'safetensors' package") from error
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as error:  # noqa: BLE001 - any reader error names the file
-            raise DinoWeightsError(f"{path}: not a readable safetensors file ({error})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DinoWeightsError(
-            f"{path}: torch.load(weights_only=True) refuses it (not a PyTorch file, corrupt, or it "
-            "holds Python objects other than tensors; such files are never unpickled here)") from None
-    except Exception as error:  # noqa: BLE001 - zip, OS and torch errors alike
-        first_line = (str(error).splitlines() or [""])[0]
-        raise DinoWeightsError(f"{path}: cannot read it as a PyTorch file ({type(error).__name__}: "
-                               f"{first_line})") from None
-
-
 def _is_state(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -178,6 +147,13 @@ def dino_state_dict(checkpoint, path) -> dict:
     backbone = {k[len(BACKBONE):]: v for k, v in state.items() if k.startswith(BACKBONE)}
     state = backbone or state
     return {k: v for k, v in state.items() if not k.startswith(DROPPED)}
+
+
+DINO_WEIGHTS = WeightsSpec(
+    name="DINO ViT-S/16", file_names=(DINO_FILE,), env_var=DINO_ENV, option="--dino-weights",
+    source=DINO_URL, convert=dino_state_dict)
+"""LOST's backbone: the official file (or timm's files of the same network, given by path),
+its state dict taken out by :func:`dino_state_dict`."""
 
 
 def load_state(model: nn.Module, state: dict, path) -> nn.Module:
@@ -203,17 +179,13 @@ def load_state(model: nn.Module, state: dict, path) -> nn.Module:
 def load_dino(path, device="cpu") -> nn.Module:
     """:func:`make_vit` with the weights of file ``path`` (official DINO or timm layout), on ``device``."""
     path = Path(path)
-    if not path.is_file():
-        raise DinoWeightsError(f"DINO weights file not found: {path}")
-    model = load_state(make_vit(), dino_state_dict(_read(path), path), path)
-    return model.to(device)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; anything else as torch names it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        state = load_weights(DINO_WEIGHTS, path)
+    except DinoWeightsError:
+        raise
+    except WeightsError as error:  # the shared reader's: missing or unreadable file
+        raise DinoWeightsError(str(error)) from None
+    return load_state(make_vit(), state, path).to(device)
 
 
 def padded_grid(height: int, width: int) -> tuple[int, int]:

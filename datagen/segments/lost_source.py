@@ -21,25 +21,24 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from datagen.segments.bilateral import SolverConfig
-from datagen.format.hashing import canonical_json
-from datagen.format.imageio import BadInput, load_rgb
+from datagen.config import options_from
+from datagen.format.hashing import canonical_json, sha256_file
+from datagen.format.imageio import IMAGE_SUFFIXES, BadInput, load_rgb
 from datagen.segments.bank import BankItem, ImageRow, SegmentRow, Skipped, SourceInputs
-from datagen.format.hashing import sha256_file
+from datagen.segments.bilateral import SolverConfig
 
 NAME = "lost"
 CATEGORY = "object"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-"""Files with these suffixes (any case) are the folder's images; hidden files and folders are not."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,7 @@ def image_files(images_dir) -> list[str]:
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in names:
+            # files with these suffixes (any case) are the folder's images; hidden files and folders are not
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 found.append(Path(directory, name).relative_to(root).as_posix())
     return sorted(found)
@@ -103,28 +103,72 @@ def _images_dir(images_dir) -> Path:
     return path
 
 
-def lost_source_inputs(*, images_dir=None, dino_weights=None, max_size: int = LostConfig.max_size,
-                       k: int = LostConfig.k, **_) -> SourceInputs:
+@dataclass(frozen=True)
+class LostOptions:
+    """Options of the lost source.
+
+    images_dir: the folder of images (searched recursively). dino_weights: the DINO ViT-S/16 file
+    (None: ``$SEGSWAP_DINO_WEIGHTS`` or the caches, see :func:`datagen.segments.dino.find_dino_weights`).
+    max_size, k: the :class:`LostConfig`. device, batch_size, progress: how the scan runs
+    (:data:`RUNTIME`; see :class:`LostSource`), not which segments it finds.
+    """
+
+    images_dir: Path | str | None = None
+    dino_weights: Path | str | None = None
+    max_size: int = LostConfig.max_size
+    k: int = LostConfig.k
+    device: str = "auto"
+    batch_size: int | None = None
+    progress: bool = True
+
+    RUNTIME: ClassVar[tuple[str, ...]] = ("device", "batch_size", "progress")
+    """Options that change how the scan runs, not which segments it finds: not recorded, so that
+    resuming a build on another device does not scan again."""
+
+    def __post_init__(self):
+        LostConfig(k=self.k, max_size=self.max_size)  # a k or max_size out of range fails here, naming it
+
+    @classmethod
+    def of(cls, options: Mapping) -> LostOptions:
+        """From keyword options; an unknown one is a ValueError naming it and the source."""
+        return options_from(cls, options, "the lost source")
+
+    @property
+    def config(self) -> LostConfig:
+        """The settings that define the segments (recorded with the bank)."""
+        return LostConfig(k=self.k, max_size=self.max_size)
+
+    def record(self) -> dict[str, str]:
+        """The options as a bank's inputs record them, as strings: the folder, the weights when
+        given, ``max_size``, and ``k`` when it is not LOST's (so that banks recorded before ``k``
+        was an option stay current); never the runtime options."""
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME}
+        if self.k == LostConfig.k:
+            del given["k"]
+        return {key: str(value) for key, value in sorted(given.items()) if value is not None}
+
+
+def lost_source_inputs(**options) -> SourceInputs:
     """The folder, its :func:`folder_fingerprint` and image count, the DINO weights' sha256 and
     the :class:`LostConfig`, without loading anything (:class:`DinoWeightsError` when there are
-    no weights)."""
+    no weights). ``options``: the fields of :class:`LostOptions` (the runtime ones change nothing)."""
     from datagen.segments.dino import find_dino_weights
 
-    root = _images_dir(images_dir)
+    chosen = LostOptions.of(options)
+    root = _images_dir(chosen.images_dir)
     files = image_files(root)
     record = {"images_sha256": folder_fingerprint(root, files), "images": len(files),
-              "dino_weights_sha256": sha256_file(find_dino_weights(dino_weights)),
-              "lost": LostConfig(k=k, max_size=max_size).to_dict()}
+              "dino_weights_sha256": sha256_file(find_dino_weights(chosen.dino_weights)),
+              "lost": chosen.config.to_dict()}
     digest = hashlib.sha256(canonical_json(record).encode()).hexdigest()
     return SourceInputs(image_root=root.resolve(), record=record, sha256=digest)
 
 
-def make_lost_source(*, images_dir=None, dino_weights=None, max_size: int = LostConfig.max_size,
-                     k: int = LostConfig.k, min_area: float = 1024.0, **runtime) -> "LostSource":
-    """A :class:`LostSource` from the options of :func:`lost_source_inputs` and the runtime ones
-    (``device``, ``batch_size``, ``progress``)."""
-    return LostSource(_images_dir(images_dir), dino_weights, LostConfig(k=k, max_size=max_size),
-                      min_area=min_area, **runtime)
+def make_lost_source(*, min_area: float = 1024.0, **options) -> LostSource:
+    """A :class:`LostSource` of the :class:`LostOptions` ``options``."""
+    chosen = LostOptions.of(options)
+    return LostSource(_images_dir(chosen.images_dir), chosen.dino_weights, chosen.config, min_area=min_area,
+                      device=chosen.device, batch_size=chosen.batch_size, progress=chosen.progress)
 
 
 def encode_rle(mask: np.ndarray) -> dict:

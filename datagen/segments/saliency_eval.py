@@ -25,12 +25,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from datagen.segments.refine import mask_iou
+from datagen.format.imageio import IMAGE_SUFFIXES
 from datagen.segments.bank import IMAGES_FILE, SEGMENTS_FILE, SegmentBank
+from datagen.segments.refine import mask_iou
 
 BETA2 = 0.3
 THRESHOLDS = np.linspace(0.0, 1.0 - 1e-10, 255)
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = IMAGE_SUFFIXES
+"""Files of a ground-truth folder with these suffixes (any case) are masks: any image file."""
 COARSE, REFINED = "LOST", "LOST + bilateral solver"
 
 

@@ -17,7 +17,6 @@ import torch; the stylizer modules are imported when first asked for.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -25,10 +24,11 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from datagen.format.imageio import BadInput, load_rgb
 from datagen.format.hashing import sha256_file
+from datagen.format.imageio import IMAGE_SUFFIXES, BadInput, load_rgb
+from datagen.format.registry import Registry
 
-STYLE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+STYLE_IMAGE_SUFFIXES = IMAGE_SUFFIXES
 """Files of a style folder with these suffixes (any case) are style images."""
 
 NO_STYLE = "none"
@@ -60,44 +60,29 @@ class Stylizer(Protocol):
         ...
 
 
-STYLIZERS: dict[str, object] = {
+STYLIZERS: Registry[type] = Registry("style method", reserved={NO_STYLE: "it means no style step"}, lazy={
     "adain": "datagen.style.adain:AdainStylizer",
     "color": "datagen.style.color:ColorStylizer",
-}
-"""Stylizer classes by name. Entries are a class, or a "module:Class" string imported on
-first use (so that ``import datagen.style`` stays free of torch)."""
+})
+"""Stylizer classes by name. The modules are imported on first use (so that ``import
+datagen.style`` stays free of torch); ``"none"`` is reserved."""
 
 
 def register_stylizer(name: str):
     """Class decorator: register a stylizer class under ``name`` in :data:`STYLIZERS`."""
-    if name == NO_STYLE:
-        raise ValueError(f"{NO_STYLE!r} is reserved: it means no style step")
-
-    def decorate(cls):
-        STYLIZERS[name] = cls
-        return cls
-
-    return decorate
+    return STYLIZERS.register(name)
 
 
 def stylizer_names() -> tuple[str, ...]:
     """Registered stylizer names, sorted (without "none")."""
-    return tuple(sorted(STYLIZERS))
+    return STYLIZERS.names()
 
 
 def stylizer_class(name: str):
     """The class registered under ``name``; ValueError listing the names if there is none."""
     if name == NO_STYLE:
         raise ValueError(f"style {NO_STYLE!r} has no stylizer: callers skip the style step")
-    if name not in STYLIZERS:
-        raise ValueError(f"unknown style method {name!r}; known: "
-                         f"{', '.join((NO_STYLE,) + stylizer_names())}")
-    entry = STYLIZERS[name]
-    if isinstance(entry, str):
-        module_name, class_name = entry.split(":")
-        entry = getattr(importlib.import_module(module_name), class_name)
-        STYLIZERS[name] = entry
-    return entry
+    return STYLIZERS.get(name)
 
 
 def make_stylizer(name: str, **options) -> Stylizer:

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datagen.format.imageio import BadInput, load_rgb
+from datagen.format.device import resolve_device
 from datagen.format.hashing import sha256_file
+from datagen.format.imageio import BadInput, load_rgb
 from datagen.style import (
     StyleError,
     check_inputs,
@@ -30,9 +31,8 @@ DEFAULT_SIDE = 512
 MIN_SIDE = 16
 """Smallest accepted ``max_side``: relu4_1 is 1/8 of the input, its statistics need > 1 cell."""
 CPU_CHANNELS_LAST = True
-"""channels_last on the CPU too: measured with torch 2.14 (x86, oneDNN) on a 512 x 512 image,
-encoder + AdaIN + decoder took 5.0 s in channels_last against 6.6 s in NCHW on one thread
-(2.9 s against 3.4 s on two)."""
+"""channels_last on the CPU too: oneDNN's convolutions run faster in it on x86
+(``benchmarks/bench_style.py`` measures the stylizer)."""
 
 
 def feature_stats(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,17 +57,6 @@ def adain(content_feat: torch.Tensor, style_mean: torch.Tensor, style_std: torch
     return (content_feat - content_mean) / content_std * style_std + style_mean
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: CUDA if available, else the CPU; otherwise the named device, which must exist."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise StyleError(f"device {device!r} asked for the AdaIN stylizer, but CUDA is not "
-                         "available (use device='cpu' or 'auto')")
-    return resolved
-
-
 @register_stylizer("adain")
 class AdainStylizer:
     """AdaIN stylizer over the images of ``style_dir``.
@@ -78,10 +67,11 @@ class AdainStylizer:
     content and style images are resized to before the networks (512 in the port and the
     paper; 0 keeps native sizes), the longer side being capped at 4 x ``max_side``.
     ``batch_size``: most images per forward pass (default: 8 on CUDA, 1 on the CPU, where
-    batches are slower); only images of the same resized size are batched together. ``precision``: ``auto`` runs bf16 autocast on CUDA (fp16 where bf16 is
-    not supported) with deterministic cuDNN and fp32 on the CPU; ``bf16`` asks for bf16 autocast
-    on the CPU too (fast on CPUs with AVX-512 BF16; see benchmarks/bench_style.py for the
-    difference it makes to the images); ``fp32`` never uses autocast.
+    batches are slower); only images of the same resized size are batched together.
+    ``precision``: ``auto`` runs bf16 autocast on CUDA (fp16 where bf16 is not supported) with
+    deterministic cuDNN and fp32 on the CPU; ``bf16`` asks for bf16 autocast on the CPU too (fast
+    on CPUs with AVX-512 BF16; see benchmarks/bench_style.py for the difference it makes to the
+    images); ``fp32`` never uses autocast.
 
     Style statistics (relu4_1 mean and std) are computed once per style image, when first
     used (or all at once by :meth:`precompute`), and cached; only the statistics are kept.
@@ -104,8 +94,8 @@ class AdainStylizer:
         self.style_paths: list[Path] = [path for path, _ in iter_style_images(style_dir)]
         self.max_side = int(max_side)
         self.device = resolve_device(device)
-        # On the CPU one image per forward is faster than batches (benchmarks/bench_style.py:
-        # 4.8 s against 5.3 s per image on one thread); on a GPU batches keep it busy.
+        # On the CPU one image per forward is faster than batches (benchmarks/bench_style.py
+        # measures both); on a GPU batches keep it busy.
         self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cuda" else 1)
         cuda = self.device.type == "cuda"
         if precision not in ("auto", "fp32", "bf16"):

@@ -4,18 +4,28 @@ weights ``vgg_normalised.pth`` and ``decoder.pth``.
 
 Both networks are ``nn.Sequential``; their state-dict keys are ``"{module index}.weight"`` /
 ``"{module index}.bias"`` of the convolutions, exactly as in the port's files, so the files
-load without renaming. Files are read with ``torch.load(weights_only=True)`` only.
+load without renaming. The files are found and read by :mod:`datagen.format.weights`
+(:data:`ADAIN_VGG_WEIGHTS`, :data:`ADAIN_DECODER_WEIGHTS`: one search order for every network,
+``torch.load(weights_only=True)`` only); this module unwraps and checks their state dicts.
 """
 from __future__ import annotations
 
-import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from datagen.format.weights import (
+    WeightsError,
+    WeightsNotFoundError,
+    WeightsSpec,
+    find_weights,
+    search_dirs,
+)
+from datagen.format.weights import (
+    load_weights as load_weights_file,
+)
 from datagen.style import StyleError
 
 VGG_FILE = "vgg_normalised.pth"
@@ -39,7 +49,7 @@ STRIPPED_PREFIXES = ("module.", "decoder.", "encoder.", "vgg.")
 ``Net``'s state dict restricted to one part)."""
 
 
-class StyleWeightsError(StyleError):
+class StyleWeightsError(StyleError, WeightsError):
     """AdaIN weights that cannot be found or used; the message names the files and what to do."""
 
 
@@ -103,6 +113,11 @@ def _describe_what(what: str) -> str:
             "decoder": f"AdaIN decoder ({DECODER_FILE})"}.get(what, what)
 
 
+def _unwrapper(what: str):
+    """``convert`` of a spec: :func:`_unwrap` for ``what``."""
+    return lambda checkpoint, path: _unwrap(checkpoint, path, what)
+
+
 def _list(keys, limit: int = 8) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])
@@ -134,6 +149,22 @@ def _unwrap(checkpoint, path: Path, what: str) -> dict:
     return state
 
 
+_SUBDIR = "adain"
+"""AdaIN's files are looked for in ``~/.cache/segswap/adain/``; torch.hub never downloads them,
+and ``decoder.pth`` is too generic a name to be taken from its checkpoints folder."""
+ADAIN_VGG_WEIGHTS = WeightsSpec(
+    name="AdaIN VGG encoder", file_names=(VGG_FILE,), env_var=VGG_ENV, option="--adain-vgg",
+    source=f"the pytorch-AdaIN release, {RELEASE_URL}", cache_subdir=_SUBDIR, torch_hub=False,
+    convert=_unwrapper("encoder"))
+"""The port's normalised VGG-19 (the encoder, truncated to relu4_1 when loaded)."""
+ADAIN_DECODER_WEIGHTS = WeightsSpec(
+    name="AdaIN decoder", file_names=(DECODER_FILE,), env_var=DECODER_ENV, option="--adain-decoder",
+    source=f"the pytorch-AdaIN release, {RELEASE_URL}", cache_subdir=_SUBDIR,
+    torch_hub=False, convert=_unwrapper("decoder"))
+"""The port's decoder, or one trained on a style collection (``datagen style train``)."""
+ADAIN_WEIGHTS = {"encoder": ADAIN_VGG_WEIGHTS, "decoder": ADAIN_DECODER_WEIGHTS}
+
+
 def load_weights(module: nn.Module, path, what: str) -> nn.Module:
     """Load the state dict of file ``path`` into ``module`` (in place; returns it).
 
@@ -146,22 +177,15 @@ def load_weights(module: nn.Module, path, what: str) -> nn.Module:
     ``module`` must be present with its shape, and no other key may be. Anything else raises
     :class:`StyleWeightsError` naming the file and the offending keys.
     """
+    if what not in ADAIN_WEIGHTS:
+        raise ValueError(f"what must be one of {', '.join(ADAIN_WEIGHTS)}, got {what!r}")
     path = Path(path)
-    if not path.is_file():
-        raise StyleWeightsError(f"{path}: {_describe_what(what)} weights file not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise StyleWeightsError(
-            f"{path}: this is not an {_describe_what(what)}: torch.load(weights_only=True) "
-            "refuses it (not a PyTorch file, corrupt, or it holds Python objects other than "
-            "tensors; such files are never unpickled here)") from None
-    except Exception as error:  # noqa: BLE001 - zip, OS and torch errors alike
-        first_line = (str(error).splitlines() or [""])[0]
-        raise StyleWeightsError(f"{path}: this is not an {_describe_what(what)}: cannot read "
-                                f"it as a PyTorch file ({type(error).__name__}: {first_line})"
-                                ) from None
-    state = _unwrap(checkpoint, path, what)
+        state = load_weights_file(ADAIN_WEIGHTS[what], path)
+    except StyleWeightsError:
+        raise
+    except WeightsError as error:  # the shared reader's: missing or unreadable file
+        raise StyleWeightsError(str(error)) from None
     expected = module.state_dict()
     if isinstance(module, nn.Sequential):
         length = len(module)
@@ -201,37 +225,29 @@ def load_decoder(path) -> nn.Sequential:
 
 def adain_cache_dir() -> Path:
     """``${XDG_CACHE_HOME:-~/.cache}/segswap/adain``: where the weights are looked for last."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "segswap" / "adain"
+    return search_dirs(ADAIN_VGG_WEIGHTS)[0]
 
 
 def find_adain_weights(vgg=None, decoder=None) -> tuple[Path, Path]:
     """(vgg_path, decoder_path) of the AdaIN weights.
 
-    Each is looked for in order: the explicit argument; the environment variable
+    Each is looked for in the order every network's weights are
+    (:func:`datagen.format.weights.find_weights`): the explicit argument; the environment variable
     ``SEGSWAP_ADAIN_VGG`` / ``SEGSWAP_ADAIN_DECODER``; the file ``vgg_normalised.pth`` /
-    ``decoder.pth`` of :func:`adain_cache_dir`. A path given explicitly or by an environment
-    variable must exist (it is not silently replaced by the cache). Raises
-    :class:`StyleWeightsError` saying what is missing, where the files come from, where to put
-    them, and the alternatives ``--style color`` and ``--style none``.
+    ``decoder.pth`` of :func:`adain_cache_dir` (not torch hub's folder, see :data:`_SUBDIR`). A
+    path given explicitly or by an environment variable must exist (it is not silently replaced
+    by the cache). Raises :class:`StyleWeightsError` saying what is missing (both files at once),
+    where the files come from, where to put them, and the alternatives ``--style color`` and
+    ``--style none``.
     """
     cache = adain_cache_dir()
-    found: dict[str, Path] = {}
+    found: list[Path] = []
     problems: list[str] = []
-    for label, given, env, filename in (("VGG encoder", vgg, VGG_ENV, VGG_FILE),
-                                        ("decoder", decoder, DECODER_ENV, DECODER_FILE)):
-        if given is not None and str(given) != "":
-            source, path = "given path", Path(given).expanduser()
-        elif os.environ.get(env):
-            source, path = f"${env}", Path(os.environ[env]).expanduser()
-        else:
-            source, path = "cache", cache / filename
-        if path.is_file():
-            found[label] = path
-        elif source == "cache":
-            problems.append(f"{label} {filename} not found (looked in ${env}, then {path})")
-        else:
-            problems.append(f"{label} file {path} ({source}) does not exist")
+    for spec, given in ((ADAIN_VGG_WEIGHTS, vgg), (ADAIN_DECODER_WEIGHTS, decoder)):
+        try:
+            found.append(find_weights(spec, given))
+        except WeightsNotFoundError as error:
+            problems.append(error.problem)
     if problems:
         raise StyleWeightsError(
             "AdaIN style transfer needs two weight files: " + "; ".join(problems) + ".\n"
@@ -240,4 +256,4 @@ def find_adain_weights(vgg=None, decoder=None) -> tuple[Path, Path]:
             f"${DECODER_ENV} at them).\n"
             "Alternatives: --style color (a weight-free colour transfer, recorded in the "
             "manifest) or --style none (no style transfer).")
-    return found["VGG encoder"], found["decoder"]
+    return found[0], found[1]

@@ -15,8 +15,8 @@ next is built). Two stylers:
   room (so in memory), else in the temporary directory; the worker deletes it when it has the
   results.
   The GPU is fed by all workers at once and holds one copy of the networks, and the images cross
-  between processes as one memory copy each way (a pickled 16-image request through a queue
-  costs about 50 ms a hop on this project's 2-core test machine).
+  between processes as one memory copy each way (pickling a batch of images through a queue
+  costs far more).
 
 Each request is stylised by one ``stylizer.stylize`` call on exactly the images the worker would
 have stylised itself, so the bytes do not depend on which process did it, on the number of
@@ -65,11 +65,11 @@ class LocalStyler:
         self.style_names = style_names(stylizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylize")
 
-    def submit(self, images: list[np.ndarray], styles: list[int], alphas: list[float]) -> "_LocalJob":
+    def submit(self, images: list[np.ndarray], styles: list[int], alphas: list[float]) -> _LocalJob:
         """Start stylising (H, W, 3) uint8 ``images``; ``.result()`` gives the stylised list."""
         return _LocalJob(self._executor.submit(self.stylizer.stylize, images, styles, alphas))
 
-    def __enter__(self) -> "LocalStyler":
+    def __enter__(self) -> LocalStyler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,7 +129,7 @@ def _new_block(size: int) -> tuple[str, np.memmap]:
 class _RemoteJob:
     """A request in flight at the style server; :meth:`result` waits for it and frees its memory."""
 
-    def __init__(self, styler: "RemoteStyler", number: int, path: str, shapes: list[tuple]):
+    def __init__(self, styler: RemoteStyler, number: int, path: str, shapes: list[tuple]):
         self._styler, self._number, self._path, self._shapes = styler, number, path, shapes
         self._images: list[np.ndarray] | None = None
 
@@ -175,7 +175,7 @@ class RemoteStyler:
                             [int(s) for s in styles], [float(a) for a in alphas]))
         return _RemoteJob(self, number, path, shapes)
 
-    def styler(self, config=None) -> "RemoteStyler":
+    def styler(self, config=None) -> RemoteStyler:
         """Itself: a shard worker asks its style option for a styler (see ``StyleSpec.styler``)."""
         return self
 
@@ -186,7 +186,7 @@ class RemoteStyler:
             self._received[answered] = (status, detail)
         return self._received.pop(number)
 
-    def __enter__(self) -> "RemoteStyler":
+    def __enter__(self) -> RemoteStyler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -224,7 +224,7 @@ class StyleServer:
             return 0.0
         return (self._closed or time.perf_counter()) - self._opened
 
-    def __enter__(self) -> "StyleServer":
+    def __enter__(self) -> StyleServer:
         self._opened = time.perf_counter()
         self._thread.start()
         return self

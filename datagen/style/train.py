@@ -25,14 +25,17 @@ forked torch RNG; nothing global is set.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -40,17 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datagen.format.imageio import BadInput, load_rgb
+from datagen.format.atomic import atomic_write
 from datagen.format.hashing import sha256_file
+from datagen.format.imageio import BadInput, load_rgb
 from datagen.style import StyleError, resize, style_image_files
 from datagen.style.adain import adain, feature_stats, resolve_device
 from datagen.style.adain_net import encoder_layers, load_decoder, load_encoder, make_decoder
 
-DEFAULTS = {
-    "steps": 160_000, "batch_size": 8, "size": 512, "crop": 256, "lr": 1e-4, "lr_decay": 5e-5,
-    "style_weight": 10.0, "content_weight": 1.0, "save_every": 10_000, "seed": 0,
-}
-"""The port's ``train.py`` defaults (``--max_iter``, ``--batch_size``, ``--lr``, ...)."""
 MIN_CROP = 16
 """Smallest crop: relu4_1 is 1/8 of it and its statistics need more than one cell."""
 MIN_IMAGE_SIDE = 8
@@ -71,6 +70,91 @@ STATE_FORMAT = 1
 class StyleTrainError(StyleError):
     """Training that cannot start or go on (no readable image, bad option, diverged loss);
     the message names the folder, file or option."""
+
+
+@dataclass(frozen=True)
+class DecoderTrainingSettings:
+    """The options of a decoder training run (``datagen style train``); the defaults are the
+    port's ``train.py`` (``--max_iter``, ``--batch_size``, ``--lr``, ...)."""
+
+    steps: int = 160_000
+    """Steps in all (a resumed run goes on up to this many)."""
+    batch_size: int = 8
+    """Content and style images per step (each)."""
+    size: int = 512
+    """Each image is resized so that its shorter side is ``size`` ..."""
+    crop: int = 256
+    """... then randomly cropped to ``crop`` x ``crop``."""
+    lr: float = 1e-4
+    """Adam learning rate at step 0."""
+    lr_decay: float = 5e-5
+    """Inverse-time decay: lr / (1 + lr_decay x step) (:func:`learning_rate`)."""
+    style_weight: float = 10.0
+    content_weight: float = 1.0
+    save_every: int = 10_000
+    """Save the decoder, preview and training state every this many steps (0: only at the end)."""
+    seed: int = 0
+    """Seed of the image and crop draws, the preview examples and the initial decoder."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'."""
+    workers: int = 4
+    """Threads loading the next batch's images during a step (0: none); results do not depend on it."""
+
+    RESUME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "size", "crop", "lr", "lr_decay",
+                                                "style_weight", "content_weight", "seed")
+    """The fields that decide what the decoder learns: recorded in the training state, and a resume
+    must give the same values. The others (how long, how often saved, where, how many threads)
+    may change between the parts of a run."""
+
+    def validate(self) -> DecoderTrainingSettings:
+        """``self`` if every value is usable, else :class:`StyleTrainError` listing each problem."""
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1, got {self.batch_size}")
+        if self.crop < MIN_CROP:
+            problems.append(f"crop must be >= {MIN_CROP}, got {self.crop}")
+        if self.size < self.crop:
+            problems.append(f"size (shorter side, {self.size}) must be >= crop ({self.crop})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not (self.lr_decay >= 0 and math.isfinite(self.lr_decay)):
+            problems.append(f"lr decay must be >= 0, got {self.lr_decay}")
+        for name, value in (("style weight", self.style_weight), ("content weight", self.content_weight)):
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{name} must be >= 0, got {value}")
+        if self.save_every < 0:
+            problems.append(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if problems:
+            raise StyleTrainError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        """Every field by name (plain numbers and strings)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> DecoderTrainingSettings:
+        """Settings from :meth:`to_dict`'s keys (missing ones keep their defaults); ValueError
+        naming the keys that are not fields."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown decoder training setting(s): {', '.join(map(str, unknown))}; "
+                             f"known: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def resume_dict(self) -> dict:
+        """The :data:`RESUME_FIELDS` of :meth:`to_dict`, as the training state records them."""
+        values = self.to_dict()
+        return {name: values[name] for name in self.RESUME_FIELDS}
+
+
+DEFAULTS = DecoderTrainingSettings()
+"""The port's ``train.py`` defaults."""
 
 
 # -- losses ------------------------------------------------------------------------------
@@ -226,31 +310,12 @@ def to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
 
 # -- files -------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it to
-    ``path``; on error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_decoder(decoder: nn.Module, path) -> None:
     """Write the decoder's state dict (CPU float32 tensors, keys "1.weight" .. "28.bias" as the
     port's ``decoder.pth``) to ``path`` atomically."""
     state = {key: value.detach().to("cpu", torch.float32).clone()
              for key, value in decoder.state_dict().items()}
-    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
 def state_path(out_path) -> Path:
@@ -258,22 +323,31 @@ def state_path(out_path) -> Path:
     return Path(out_path).with_suffix(STATE_SUFFIX)
 
 
-def save_state(path, decoder: nn.Module, optimizer: torch.optim.Optimizer, step: int, settings: dict) -> None:
+def _state_record(settings: DecoderTrainingSettings, data: Mapping[str, str]) -> dict:
+    """What the training state records as ``settings`` and a resume compares: the
+    :data:`~DecoderTrainingSettings.RESUME_FIELDS`, then ``data`` (the digests of the content and
+    style file lists and of the VGG file)."""
+    return {**settings.resume_dict(), **data}
+
+
+def save_state(path, decoder: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+               settings: DecoderTrainingSettings, data: Mapping[str, str]) -> None:
     """Write the training state (plain tensors, numbers and strings: loadable with
-    ``weights_only=True``) to ``path`` atomically: ``step`` steps done."""
+    ``weights_only=True``) to ``path`` atomically: ``step`` steps done, with the run's
+    ``settings`` and input ``data`` digests (:func:`_state_record`)."""
     decoder_state = {key: value.detach().to("cpu").clone() for key, value in decoder.state_dict().items()}
     optimizer_state = optimizer.state_dict()
     optimizer_state["state"] = {index: {name: value.detach().to("cpu").clone() if torch.is_tensor(value) else value
                                         for name, value in entry.items()}
                                 for index, entry in optimizer_state["state"].items()}
-    state = {"format": STATE_FORMAT, "step": int(step), "settings": dict(settings),
+    state = {"format": STATE_FORMAT, "step": int(step), "settings": _state_record(settings, data),
              "decoder": decoder_state, "optimizer": optimizer_state}
-    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
-def load_state(path, settings: dict) -> dict:
+def load_state(path, settings: DecoderTrainingSettings, data: Mapping[str, str]) -> dict:
     """The training state at ``path`` (read with ``weights_only=True``), checked against the
-    ``settings`` of the run that wants to continue it."""
+    ``settings`` and input ``data`` digests of the run that wants to continue it."""
     path = Path(path)
     if not path.is_file():
         raise StyleTrainError(f"no training state {path} to resume: a run saves it next to its --out "
@@ -285,8 +359,8 @@ def load_state(path, settings: dict) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise StyleTrainError(f"{path} is not a training state of this version (format {STATE_FORMAT})")
     saved = state.get("settings", {})
-    differences = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if saved.get(key) != value]
+    differences = [f"{key} {saved.get(key)!r} -> {value!r}"
+                   for key, value in _state_record(settings, data).items() if saved.get(key) != value]
     if differences:
         raise StyleTrainError(f"cannot resume from {path}: it was trained with other settings ("
                               + "; ".join(differences) + "); use the same options, or start a new run")
@@ -325,66 +399,51 @@ def write_preview(path, grid: np.ndarray) -> None:
                                [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
     if not ok:
         raise StyleTrainError(f"cannot encode the preview image {path}")
-    _atomic_write(Path(path), lambda handle: handle.write(encoded.tobytes()))
+    atomic_write(Path(path), lambda handle: handle.write(encoded.tobytes()))
 
 
 # -- training ----------------------------------------------------------------------------
 
-def _check_options(steps, batch_size, size, crop, lr, lr_decay, style_weight, content_weight,
-                   save_every, workers) -> None:
-    problems = []
-    if steps < 1:
-        problems.append(f"steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        problems.append(f"batch size must be >= 1, got {batch_size}")
-    if crop < MIN_CROP:
-        problems.append(f"crop must be >= {MIN_CROP}, got {crop}")
-    if size < crop:
-        problems.append(f"size (shorter side, {size}) must be >= crop ({crop})")
-    if not (lr > 0 and math.isfinite(lr)):
-        problems.append(f"lr must be > 0, got {lr}")
-    if not (lr_decay >= 0 and math.isfinite(lr_decay)):
-        problems.append(f"lr decay must be >= 0, got {lr_decay}")
-    for name, value in (("style weight", style_weight), ("content weight", content_weight)):
-        if not (value >= 0 and math.isfinite(value)):
-            problems.append(f"{name} must be >= 0, got {value}")
-    if save_every < 0:
-        problems.append(f"save_every must be >= 0 (0: only at the end), got {save_every}")
-    if workers < 0:
-        problems.append(f"workers must be >= 0, got {workers}")
-    if problems:
-        raise StyleTrainError("; ".join(problems))
+def _with_options(settings: DecoderTrainingSettings | None, options: dict) -> DecoderTrainingSettings:
+    """``settings`` (default: :data:`DEFAULTS`) with the fields named in ``options`` replaced;
+    TypeError naming an option that is not a field, as a wrong keyword argument would."""
+    settings = DEFAULTS if settings is None else settings
+    if not isinstance(settings, DecoderTrainingSettings):
+        raise TypeError(f"train_decoder: settings must be a DecoderTrainingSettings, got "
+                        f"{type(settings).__name__}")
+    fields = {field.name for field in dataclasses.fields(DecoderTrainingSettings)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"train_decoder() got unexpected keyword argument(s): {', '.join(unknown)}")
+    return dataclasses.replace(settings, **options) if options else settings
 
 
-def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=None,
-                  steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
-                  size: int = DEFAULTS["size"], crop: int = DEFAULTS["crop"],
-                  lr: float = DEFAULTS["lr"], lr_decay: float = DEFAULTS["lr_decay"],
-                  style_weight: float = DEFAULTS["style_weight"],
-                  content_weight: float = DEFAULTS["content_weight"],
-                  save_every: int = DEFAULTS["save_every"], seed: int = DEFAULTS["seed"],
-                  device="auto", workers: int = 4, overwrite: bool = False, resume: bool = False,
-                  progress: bool = True, log: Callable[[str], None] | None = None) -> list[float]:
+def train_decoder(content_dir, style_dir, vgg_path, out_path,
+                  settings: DecoderTrainingSettings | None = None, *, decoder_init=None,
+                  overwrite: bool = False, resume: bool = False, progress: bool = True,
+                  log: Callable[[str], None] | None = None, **options) -> list[float]:
     """Train an AdaIN decoder; returns the total loss of every step.
 
     ``content_dir``, ``style_dir``: folders of images (see :class:`CropSampler`);
     ``vgg_path``: the port's ``vgg_normalised.pth`` (frozen encoder); ``out_path``: where the
-    decoder state dict is saved every ``save_every`` steps (0: only at the end) and after the
-    last step, with the preview (:func:`preview_path`) written at each save. ``decoder_init``:
-    a ``decoder.pth``-layout file to start from, else a decoder initialised from ``seed``.
-    ``workers``: threads loading the images of the next batch while the current one trains
-    (0: load in the calling thread); the results do not depend on it. An existing
-    ``out_path`` is refused unless ``overwrite`` or it is the ``decoder_init`` file.
+    decoder state dict is saved every ``settings.save_every`` steps (0: only at the end) and after
+    the last step, with the preview (:func:`preview_path`) written at each save.
+    ``settings``: a :class:`DecoderTrainingSettings` (default: the port's); keyword ``options``
+    named as its fields (``steps=``, ``lr=``, ...) replace single values of it, as the command
+    line passes them. ``decoder_init``: a ``decoder.pth``-layout file to start from, else a
+    decoder initialised from ``settings.seed``. An existing ``out_path`` is refused unless
+    ``overwrite`` or it is the ``decoder_init`` file.
     ``resume``: continue from the training state next to ``out_path`` (:func:`state_path`) up
-    to ``steps`` steps in all, with the same settings, images and VGG file; the result equals
-    an uninterrupted run. A non-finite loss stops training (nothing is saved at that step)
-    with :class:`StyleTrainError`. ``log`` receives progress messages (saves, skipped images).
+    to ``settings.steps`` steps in all, with the same :data:`~DecoderTrainingSettings.RESUME_FIELDS`,
+    images and VGG file; the result equals an uninterrupted run. A non-finite loss stops training
+    (nothing is saved at that step) with :class:`StyleTrainError`. ``log`` receives progress
+    messages (saves, skipped images).
     Returns the losses of the steps run by this call.
     """
     from tqdm import tqdm
 
-    _check_options(steps, batch_size, size, crop, lr, lr_decay, style_weight, content_weight,
-                   save_every, workers)
+    settings = _with_options(settings, options).validate()
+    steps, batch_size, crop, seed = settings.steps, settings.batch_size, settings.crop, settings.seed
     say = log if log is not None else (lambda message: None)
     out_path = Path(out_path)
     init_path = Path(decoder_init) if decoder_init is not None else None
@@ -399,20 +458,18 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
                               "from it with decoder_init (--decoder-init)")
     if out_path.exists() and out_path.is_dir():
         raise StyleTrainError(f"output {out_path} is a folder, not a file")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(settings.device)
 
     encoder = load_encoder(vgg_path).to(torch_device).eval()
-    content = CropSampler(content_dir, "content", size, crop, log=say)
-    style = CropSampler(style_dir, "style", size, crop, log=say)
+    content = CropSampler(content_dir, "content", settings.size, crop, log=say)
+    style = CropSampler(style_dir, "style", settings.size, crop, log=say)
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     layers = encoder_layers(encoder)
-    settings = {"batch_size": batch_size, "size": size, "crop": crop, "lr": lr, "lr_decay": lr_decay,
-                "style_weight": style_weight, "content_weight": content_weight, "seed": seed,
-                "content_files": _file_list_digest(content.files), "style_files": _file_list_digest(style.files),
-                "vgg": sha256_file(vgg_path)[:16]}
+    data = {"content_files": _file_list_digest(content.files), "style_files": _file_list_digest(style.files),
+            "vgg": sha256_file(vgg_path)[:16]}
     first_step = 0
-    state = load_state(state_path(out_path), settings) if resume else None
+    state = load_state(state_path(out_path), settings, data) if resume else None
     if state is not None:
         first_step = state["step"]
         if first_step >= steps:
@@ -427,7 +484,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
             torch.manual_seed(seed)
             decoder = make_decoder()
     decoder = decoder.to(torch_device).train()
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=settings.lr)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the decoder's device
         say(f"resuming from {state_path(out_path)} after step {first_step}")
@@ -439,7 +496,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
 
     def save(step: int) -> None:
         save_decoder(decoder, out_path)
-        save_state(state_path(out_path), decoder, optimizer, step, settings)
+        save_state(state_path(out_path), decoder, optimizer, step, settings, data)
         decoder.eval()
         with torch.no_grad():
             c = encoder(to_batch(preview_contents, torch_device))
@@ -451,7 +508,8 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
         say(f"step {step}: decoder saved to {out_path}, preview {preview_path(out_path)}, "
             f"training state {state_path(out_path)}")
 
-    executor = ThreadPoolExecutor(workers, thread_name_prefix="adain-load") if workers else _Inline()
+    executor = (ThreadPoolExecutor(settings.workers, thread_name_prefix="adain-load") if settings.workers
+                else _Inline())
 
     def submit(step: int):
         rng = np.random.default_rng([seed, TRAIN_STREAM, step])
@@ -470,7 +528,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
             styles = to_batch([f.result() for f in style_futures], torch_device)
             if step + 1 < steps:
                 pending = submit(step + 1)  # the next batch loads while this one trains
-            current_lr = learning_rate(lr, lr_decay, step)
+            current_lr = learning_rate(settings.lr, settings.lr_decay, step)
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
 
@@ -481,7 +539,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
             generated_feats = encode_layers(layers, decoder(target))
             loss_c = content_loss(generated_feats[-1], target)
             loss_s = style_loss(generated_feats, style_feats)
-            loss = content_weight * loss_c + style_weight * loss_s
+            loss = settings.content_weight * loss_c + settings.style_weight * loss_s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
 
@@ -497,7 +555,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
             bar.set_postfix({"loss": f"{value:.4g}", "content": f"{value_c:.4g}",
                              "style": f"{value_s:.4g}", "lr": f"{current_lr:.2e}"}, refresh=False)
             done = step + 1
-            if done == steps or (save_every and done % save_every == 0):
+            if done == steps or (settings.save_every and done % settings.save_every == 0):
                 save(done)
     finally:
         bar.close()
@@ -506,7 +564,7 @@ def train_decoder(content_dir, style_dir, vgg_path, out_path, *, decoder_init=No
 
 
 __all__ = [
-    "DEFAULTS", "CropSampler", "StyleTrainError", "content_loss", "encode_layers",
+    "DEFAULTS", "CropSampler", "DecoderTrainingSettings", "StyleTrainError", "content_loss", "encode_layers",
     "learning_rate", "load_state", "preview_grid", "preview_path", "resize_shorter_side", "save_decoder",
     "save_state", "state_path", "style_loss", "train_decoder",
 ]

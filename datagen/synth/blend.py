@@ -5,9 +5,8 @@ Three methods share one signature, :func:`blend` (and :func:`blend_into`, in pla
 * ``cv2``: ``cv2.seamlessClone(..., NORMAL_CLONE)``, the authors' choice.
 * ``poisson`` (default): the same equations as OpenCV's NORMAL_CLONE (guidance = source gradients
   inside the 3-pixel-eroded mask, target gradients outside, Dirichlet boundary on the mask's
-  bounding box) solved with scipy's DST-I. OpenCV 5's solver takes 40 ms for a 256 px region and
-  240 ms for 470 px on one core; this one gives the same image (mean absolute difference well
-  under one grey level, measured in tests and ``benchmarks/bench_build.py``) several times faster.
+  bounding box) solved with scipy's DST-I. It gives the same image as OpenCV's solver (mean
+  absolute difference well under one grey level, tested) several times faster (README, Speed).
 * ``paste``: copy the pixels under the mask (used by tests: colours are then exact).
 """
 from __future__ import annotations
@@ -77,9 +76,8 @@ def _fast_span(start: int, length: int, limit: int) -> tuple[int, int]:
     """Grow [start, start + length) inside [0, limit) so that length - 1 is a fast FFT size
     (DST-I of n points runs a real FFT of 2 (n + 1), n = length - 2). Keeps the span if none fits.
 
-    Fast means 5-smooth (``real=True``): pocketfft's radix-7 and -11 passes are slow enough that
-    the 11-smooth sizes (the complex default) cost 12 % more over the boxes of 60-400 px (measured
-    here; 242 = 2 * 11 * 11 points took 35 % longer than 243 = 3^5)."""
+    Fast means 5-smooth (``real=True``): pocketfft's radix-7 and -11 passes are slower, so the
+    11-smooth sizes of the complex default cost more on the usual boxes."""
     wanted = fft.next_fast_len(length - 1, real=True) + 1
     if wanted > limit:
         return start, length

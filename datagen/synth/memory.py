@@ -3,10 +3,9 @@
 Building a pair allocates and frees a few megabytes of image-sized arrays (decoded JPEGs,
 resized images, the float32 planes of the Poisson solve). By default glibc's malloc gives large
 freed blocks back to the kernel (fresh ``mmap`` for big blocks, heap trimmed once twice the
-mmap threshold is free), so the next pair page-faults the same amount back in, zero-filled:
-about 600 page faults per one-object pair, and 15 % of its time on the development machine
-(``benchmarks/bench_build.py``, runs with and without alternated). Keeping freed memory for
-reuse costs no more than the builder's peak memory, and changes no result.
+mmap threshold is free), so the next pair page-faults the same amount back in, zero-filled,
+a noticeable share of a pair's time (``benchmarks/bench_build.py`` measures it). Keeping freed
+memory for reuse costs no more than the builder's peak memory, and changes no result.
 """
 from __future__ import annotations
 

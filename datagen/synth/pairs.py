@@ -15,15 +15,15 @@ import cv2
 import numpy as np
 
 from datagen import __version__
-from datagen.synth.blend import blend_into
 from datagen.config import BuildConfig
-from datagen.format.warps import SegmentWarp, ThinPlateSpline
-from datagen.synth.geometry import mask_boundary, place_in_region, roi_resampler, rotation_aspect_matrix
 from datagen.format.grids import grids_from_warps
 from datagen.format.imageio import BadInput, load_rgb, resize_image
+from datagen.format.schema import PairSample
+from datagen.format.warps import SegmentWarp, ThinPlateSpline
+from datagen.synth.blend import blend_into
+from datagen.synth.geometry import mask_boundary, place_in_region, roi_resampler, rotation_aspect_matrix
 from datagen.synth.memory import keep_freed_memory
 from datagen.synth.sampling import ObjectPlan, PairPlan
-from datagen.format.schema import PairSample
 
 
 class Rejected(Exception):
@@ -76,7 +76,7 @@ def border_crop_box(mask: np.ndarray) -> tuple:
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """A (H, W) uint8 0/1 mask resized to (size, size) uint8 0/1: 1 where its bilinear
     interpolation is at least 1/2. Interpolated as 0/255 in OpenCV's fixed-point uint8
-    arithmetic (2x faster than in float), which decides within 0.001 of 1/2 (tested). Not on the
+    arithmetic (faster than in float), which decides within 0.001 of 1/2 (tested). Not on the
     0/1 values themselves: OpenCV's uint8 path loses their precision."""
     resized = cv2.resize(mask * np.uint8(255), (size, size), interpolation=cv2.INTER_LINEAR)
     return cv2.threshold(resized, 127, 1, cv2.THRESH_BINARY)[1]
@@ -140,7 +140,8 @@ class PairBuilder:
         warps, placements, tgt_mask = [], [], np.zeros((size, size), np.uint8)
         for k, (obj, region, object_mask) in enumerate(zip(plan.objects, plan.regions, object_masks)):
             if not object_mask.any():
-                raise Rejected("empty_segment", f"segment {self.bank.segment_ids[obj.segment_row]} vanishes at {size} px")
+                segment = self.bank.segment_ids[obj.segment_row]
+                raise Rejected("empty_segment", f"segment {segment} vanishes at {size} px")
             warp, outline = make_warp(obj, mask_boundary(object_mask), (size, size), region, config)
             roi = self._roi(outline)
             resample = roi_resampler(warp, roi)

@@ -14,42 +14,35 @@ by ``config.arch``. Its forward is::
   channel 2: the probability that the cell belongs to the shared pattern.
 
 A new architecture is a module of this package that decorates its factory with
-:func:`register` and is imported at the bottom of this file.
+:func:`register`, listed in :data:`MODELS` as a lazy ``"module:factory"`` entry so that listing the
+names (``trainer --help``) does not import torch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
-
+from datagen.format.registry import Registry
 from trainer.config import TrainConfig
 
-ModelFactory = Callable[[TrainConfig], nn.Module]
+if TYPE_CHECKING:
+    from torch import nn
 
-MODELS: dict[str, ModelFactory] = {}
-"""Architecture name -> factory ``(TrainConfig) -> nn.Module``."""
+ModelFactory = Callable[[TrainConfig], "nn.Module"]
+
+MODELS: Registry[ModelFactory] = Registry("architecture", lazy={
+    "transformer": "trainer.models.cross_image:build_transformer",
+    "ncnet": "trainer.models.ncnet:build_ncnet",  # Sparse NC-Net
+})
+"""Architecture name -> factory ``(TrainConfig) -> nn.Module``; a module is imported when its
+architecture is first built."""
 
 
 def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator adding a factory ``(TrainConfig) -> nn.Module`` to :data:`MODELS` under ``name``."""
-
-    def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in MODELS:
-            raise ValueError(f"architecture {name!r} is already registered")
-        MODELS[name] = factory
-        return factory
-
-    return decorator
+    return MODELS.register(name)
 
 
 def build_model(config: TrainConfig) -> nn.Module:
     """The network named by ``config.arch``, freshly initialised."""
-    if config.arch not in MODELS:
-        known = ", ".join(sorted(MODELS)) or "none"
-        raise ValueError(f"unknown architecture {config.arch!r}; known: {known}")
-    return MODELS[config.arch](config)
-
-
-# Architectures register themselves on import; add new ones here.
-from trainer.models import cross_image  # noqa: E402,F401  ("transformer")
-from trainer.models import ncnet  # noqa: E402,F401  ("ncnet", Sparse NC-Net)
+    return MODELS.get(config.arch)(config)

@@ -36,8 +36,17 @@ from torch import Tensor, nn
 from trainer.config import NCNetConfig, TrainConfig
 from trainer.models import register
 from trainer.models.cross_image import CLAMP_EPS
-from trainer.models.sparse4d import (GridShape, KernelMap, block_diagonal, build_kernel_map, coalesce, site_coords,
-                                     site_keys, sparse_conv4d, swap_images)
+from trainer.models.sparse4d import (
+    GridShape,
+    KernelMap,
+    block_diagonal,
+    build_kernel_map,
+    coalesce,
+    site_coords,
+    site_keys,
+    sparse_conv4d,
+    swap_images,
+)
 
 TOPK_CHUNK_ELEMENTS = 1 << 22
 """Dense correlation entries computed at once while ranking (16 MiB of float32): the memory of the
