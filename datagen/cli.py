@@ -1,6 +1,7 @@
 """``datagen`` command line: maps options onto :class:`BuildConfig` and calls the modules."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,12 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Root seed: the same options and seed give byte-identical shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Parallel worker processes (one shard each). Default: all cores.")
+              help="Parallel worker processes (one shard each). Default: all cores. Ignored with --scheduler.")
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="Address of a Dask distributed scheduler (tcp://HOST:PORT): the shards are built by that "
+                   "cluster's workers (--workers is ignored), failed shards retried twice, then listed. --out, "
+                   "its bank and the source images must be on a file system that every worker sees at the same "
+                   "path. Needs the 'cluster' extra (pip install 'segswap[cluster]'). Default: this machine.")
 @click.option("--objects", type=click.Choice(OBJECT_MODES), default=BuildConfig.objects,
               help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half. "
                    "Default: mix, or 1 for --segments lost (one segment per image).")
@@ -171,13 +177,14 @@ def main():
               show_default=True, help="Also copy manifest.json here (named after --out and the fingerprint).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_device, n, out_dir, seed, workers,
-          objects, style, style_dir, adain_vgg, adain_decoder, style_device, image_size, stride, shard_size, blend,
-          min_area, dilation, border_crop_prob, rotation, aspect_min, tps_prob, jpeg_quality, overwrite,
+          scheduler, objects, style, style_dir, adain_vgg, adain_decoder, style_device, image_size, stride, shard_size,
+          blend, min_area, dilation, border_crop_prob, rotation, aspect_min, tps_prob, jpeg_quality, overwrite,
           manifests_dir, no_progress):
     """Build N pairs into --out as WebDataset shards with a manifest.
 
     Re-running the same command resumes an interrupted build (only unfinished shards are
-    rebuilt); a larger --n extends it.
+    rebuilt); a larger --n extends it. With --scheduler the shards are built on a Dask cluster
+    and are the same bytes.
     """
     from datagen.runner.lock import LockedError
     from datagen.runner.run import BuildError, StyleOptions, StyleSpec, default_workers
@@ -200,9 +207,20 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
         style_spec = StyleSpec(StyleOptions(style_dir=style_dir) if style == "color" else
                                StyleOptions(style_dir=style_dir, vgg_path=adain_vgg, decoder_path=adain_decoder,
                                             device=style_device))
-        manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
-                             overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
-                             show_progress=not no_progress, style=style_spec)
+        with contextlib.ExitStack() as stack:
+            distributor = None
+            if scheduler is not None:  # distributed is imported only here
+                try:
+                    from datagen.runner.dask_distributor import DaskDistributor
+                except ImportError as error:
+                    raise click.UsageError(f"--scheduler needs Dask's distributed ({error}): "
+                                           "pip install 'segswap[cluster]'") from error
+                if workers is not None:
+                    _say("--workers is ignored with --scheduler: the cluster's workers build the shards")
+                distributor = stack.enter_context(DaskDistributor(scheduler, log=_say))
+            manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
+                                 overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
+                                 show_progress=not no_progress, style=style_spec, distributor=distributor)
     except (BuildError, LockedError, ValueError, FileNotFoundError, LookupError) as error:
         _fail(error)
     except OSError as error:  # a read-only or full disk: the path and the cause, in one line
@@ -317,25 +335,55 @@ def segments_eval(bank_dir, gt_dir, json_path):
 @main.command(short_help="Check a shard set: checksums, counts, samples, warps; prints its fingerprint.")
 @click.argument("shards")
 @click.option("--quiet", is_flag=True, help="Print only problems and the summary lines.")
-def verify(shards, quiet):
+@click.option("--quick", is_flag=True, help="Check only that each shard exists with the size its manifest records, "
+                                            "and the manifest's fingerprint against its shard list; read no shard.")
+@click.option("--rebuild-check", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also rebuild N shards (spread over the set) from the recorded config, seed, bank (bank/ beside "
+                   "the shards) and images, and compare their bytes: whether this machine can reproduce the set, "
+                   "not only verify it.")
+@click.option("--style-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --rebuild-check on a stylised set: its style images (AdaIN weights are found as for a build).")
+def verify(shards, quiet, quick, rebuild_check, style_dir):
     """Check a shard set against its manifest: sizes, checksums, counts, every sample decoded, the
     schema, and that masks and correspondences agree with the stored warps. Prints the set's
-    fingerprint, recomputed from the bytes on disk, for comparing sets between teams. Exit 1 on
+    fingerprint, recomputed from the bytes read, for comparing sets between teams. Exit 1 on
     problems.
 
     SHARDS: a shard folder, its manifest.json, a brace pattern ('shards/shard-{000000..000009}.tar',
-    quoted) or one .tar file. Shards named by a pattern or one by one are checked against the
-    entries of their folder's manifest.
+    quoted) or one .tar file, on disk or by URL (https://, s3://, gs://; a folder URL needs its
+    manifest.json). Shards named by a pattern or one by one are checked against the entries of
+    their folder's manifest.
     """
     from datagen.verify import verify_dir
 
-    report = verify_dir(shards, progress=not quiet)
+    report = verify_dir(shards, progress=not quiet, quick=quick)
     for note in report.notes:
         _say(f"note: {note}")
+    if report.versions:
+        _say("note: package versions differ from the set's (verifying is unaffected; rebuilding the set here "
+             "may give other bytes):")
+        for line in report.versions:
+            _say(f"  {line}")
     for problem in report.problems:
         click.echo(f"BAD {problem}")
-    click.echo(f"{report.samples} samples in {report.shards} shards checked: "
-               f"{len(report.problems)} problem(s)")
+    if report.quick:
+        click.echo(f"{report.shards} shards: sizes and manifest checked: {len(report.problems)} problem(s)")
+    else:
+        click.echo(f"{report.samples} samples in {report.shards} shards checked: "
+                   f"{len(report.problems)} problem(s)")
+    if rebuild_check is not None:
+        from datagen.rebuild_check import rebuild_check as run_rebuild_check
+        from datagen.runner.styling import StyleSpec
+
+        try:
+            rebuilt = run_rebuild_check(shards, rebuild_check, StyleSpec({"style_dir": style_dir}), log=_say)
+        except (ValueError, OSError) as error:
+            _fail(error)
+        for problem in rebuilt.problems:
+            click.echo(f"BAD {problem}")
+        click.echo(f"rebuild check: {len(rebuilt.identical)} of {len(rebuilt.rebuilt)} shards rebuilt byte for byte"
+                   + ("" if not rebuilt.problems else " (see the package versions above)" if rebuilt.versions else ""))
+        report.problems += rebuilt.problems
     if report.fingerprint:
         click.echo(f"fingerprint {report.fingerprint}")
     sys.exit(1 if report.problems else 0)
@@ -450,6 +498,56 @@ def style_train(style_dir, content_dir, vgg_path, out_path, decoder_init, steps,
     click.echo(f"{len(losses)} steps in {time.perf_counter() - started:.1f} s; mean loss of the first "
                f"{len(losses[:10])} steps {head:.4f}, of the last {len(losses[-10:])} {tail:.4f}")
     click.echo(f"decoder {out_path}  preview {preview_path(out_path)}")
+
+
+@main.command(short_help="Upload a shard set to s3://, gs:// or file:// (manifest last) and record it.")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("url")
+@click.option("--catalog", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"),
+              show_default=True, help="Folder of the catalog: one <set>-<fingerprint>.published.json per published "
+                                      "set, with its URL and fingerprint.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def publish(folder, url, catalog, no_progress):
+    """Upload the set in FOLDER to URL: each shard's sha256 is checked against the manifest first;
+    then the shards, their sample rows and stats, and the manifest last, so that a reader who finds
+    the manifest finds the whole set. Credentials come from the store's usual places (for S3 the
+    AWS_* variables, AWS_ENDPOINT_URL for another endpoint, or ~/.aws).
+
+    Example: datagen publish shards/coco s3://team-bucket/sets/coco-500k
+    """
+    from datagen.share import publish as run_publish
+
+    try:
+        report = run_publish(folder, url, catalog_dir=catalog, progress=not no_progress)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    click.echo(f"published {report.files} files ({report.bytes / 1e6:.1f} MB) to {url}; fingerprint "
+               f"{report.fingerprint}; catalog {report.catalog}")
+
+
+@main.command(short_help="Download a shard set by URL into a folder, checking every shard's sha256.")
+@click.argument("url")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def pull(url, folder, no_progress):
+    """Download the set at URL (its folder or manifest.json; https://, s3://, gs://) into FOLDER.
+    Every shard is hashed as it arrives and compared with the manifest; the manifest is written
+    last, and only when all match, so a folder with a manifest holds a checked set. Exit 1 when a
+    shard differs (it is named).
+    """
+    from datagen.share import pull as run_pull
+
+    try:
+        report = run_pull(url, folder, progress=not no_progress)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    for problem in report.problems:
+        click.echo(f"BAD {problem}")
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); {folder} has no manifest until a pull succeeds")
+        sys.exit(1)
+    click.echo(f"pulled {report.files} files ({report.bytes / 1e6:.1f} MB) into {folder}; fingerprint "
+               f"{report.fingerprint}")
 
 
 if __name__ == "__main__":

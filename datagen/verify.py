@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from datagen.format.grids import recompute_grids
 from datagen.format.hashing import sha256_file
-from datagen.format.manifest import MANIFEST_NAME, ManifestError, fingerprint, read_sample_rows, samples_name
+from datagen.format.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    fingerprint,
+    read_sample_rows,
+    samples_name,
+    version_differences,
+)
 from datagen.format.schema import SchemaError, decode_sample
 from datagen.format.shards import ShardError, iter_tar_samples, parse_shard_index, sample_sha256
 from datagen.format.shardset import resolve_shard_set
@@ -37,11 +44,16 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     problems: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+    """Packages whose versions here differ from the set's manifest, and what they decide: a set
+    verifies all the same, but a rebuild here may give other bytes."""
     fingerprint: str | None = None
     """The set's fingerprint recomputed from the bytes on disk (sha256 and sample count of every
     shard), when the set is a manifest's whole set; None otherwise."""
     notes: list = field(default_factory=list)
     """What could not be checked (no manifest, part of a set), for the user to read."""
+    quick: bool = False
+    """Only sizes and the manifest were checked (``--quick``)."""
 
 
 def check_sample_grids(sample) -> list[str]:
@@ -82,17 +94,23 @@ def recorded_sample_checksums(tar: Path) -> dict | None:
     return {row["key"]: row["sha256"] for row in accepted}
 
 
-def verify_dir(shards, progress: bool = True) -> VerifyReport:
-    """Verify a shard set (any form of :func:`datagen.format.shardset.resolve_shard_set`); never raises
-    for bad data. Each shard is checked against its manifest entry when its manifest lists it; for
-    a manifest's whole set, the fingerprint is recomputed from the checksums and sample counts
-    measured on disk and compared with the manifest's."""
+def verify_dir(shards, progress: bool = True, quick: bool = False) -> VerifyReport:
+    """Verify a shard set (any form of :func:`datagen.format.shardset.resolve_shard_set`, local or
+    by URL); never raises for bad data. Each shard is checked against its manifest entry when its
+    manifest lists it; for a manifest's whole set, the fingerprint is recomputed from the checksums
+    and sample counts measured on disk and compared with the manifest's. ``quick``: only that each
+    listed shard exists with its recorded size, and that the manifest's fingerprint is that of its
+    shard list (no byte is read: for a remote set, a check in seconds)."""
     report = VerifyReport()
     try:
         found = resolve_shard_set(shards)
     except (ValueError, OSError) as error:
         report.problems.append(str(error))
         return report
+    if found.manifest is not None and isinstance(found.manifest.get("versions"), dict):
+        report.versions = version_differences(found.manifest["versions"])
+    if quick:
+        return _quick(found, report)
     if found.manifest is None:
         report.notes.append(f"{found.spec}: no {MANIFEST_NAME} beside the shards: sizes, checksums and "
                             "counts not checked, only the samples themselves")
@@ -124,6 +142,36 @@ def verify_dir(shards, progress: bool = True) -> VerifyReport:
                                    f"{manifest['fingerprint'][:12]}")
         else:
             report.fingerprint = on_disk
+    return report
+
+
+def _quick(found, report: VerifyReport) -> VerifyReport:
+    """``--quick``: sizes and the manifest only."""
+    report.quick = True
+    if found.manifest is None:
+        report.problems.append(f"{found.spec}: no {MANIFEST_NAME} beside the shards: --quick has nothing to "
+                               "check against")
+        return report
+    for tar in found.tars:
+        report.shards += 1
+        entry = found.entry(tar)
+        if entry is None:
+            report.problems.append(f"{tar.name}: not listed in {found.manifest_path}")
+            continue
+        try:
+            size = tar.stat().st_size if tar.is_file() else None
+        except (OSError, ValueError) as error:
+            report.problems.append(f"{tar.name}: cannot reach it ({error})")
+            continue
+        if size is None:
+            report.problems.append(f"{tar.name}: missing")
+        elif size != entry["bytes"]:
+            report.problems.append(f"{tar.name}: {size} bytes, manifest says {entry['bytes']}")
+    if found.whole:
+        manifest = found.manifest
+        if fingerprint(manifest["config_hash"], manifest["shards"]) != manifest["fingerprint"]:
+            report.problems.append(f"{found.manifest_path}: its fingerprint does not match its shard list")
+    report.notes.append("--quick: sizes and the manifest checked; checksums and samples not read")
     return report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -261,6 +262,18 @@ def test_larger_n_extends_to_the_same_result_as_a_direct_build(tmp_path):
     assert_no_tmp(extended)
 
 
+def test_a_resumed_build_names_packages_whose_versions_differ_from_the_sets(reference_copy):
+    out = reference_copy
+    (out / stats_name(3)).unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["versions"]["opencv"] = "5.0.0.93"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(build_args(out))
+    assert "warning: opencv 5.0.0.93 in the set" in all_output(result) and "JPEG" in all_output(result)
+    result = run_cli(build_args(out, n=REFERENCE_N + 5))  # the manifest now records this machine's
+    assert "opencv 5.0.0.93" not in all_output(result)
+
+
 def test_refuses_to_mix_builds_unless_overwrite(reference_copy, reference_seed1):
     out = reference_copy
     before = output_files(out)
@@ -414,13 +427,13 @@ def test_verify_catches_a_flipped_byte(reference_copy):
     assert "\nfingerprint " not in result.output
 
 
-def test_verify_catches_altered_correspondences_with_matching_checksums(reference_copy):
-    out, shard, index = reference_copy, 1, 2
-    key = sample_key(shard, index)
+def rewrite_sample(out, shard: int, index: int, change) -> None:
+    """Apply ``change(members)`` to one sample of shard ``shard`` of the set at ``out`` and record the
+    rewritten shard in the manifest (checksum, size and fingerprint updated, as a malicious or
+    careless rewrite would): only the sample's content tells."""
     tar = out / shard_name(shard)
     samples = list(iter_tar_samples(tar))
-    flow = decode_npy(samples[index]["src2tgt.npy"]).astype(np.float32)
-    samples[index]["src2tgt.npy"] = encode_npy(np.clip(flow + 0.05, 0, 1).astype(np.float16))
+    change(samples[index])
     with ShardWriter(tar) as writer:
         for members in samples:
             writer.write(members)
@@ -428,6 +441,17 @@ def test_verify_catches_altered_correspondences_with_matching_checksums(referenc
     manifest["shards"][shard].update(sha256=writer.sha256, bytes=writer.bytes)
     manifest["fingerprint"] = fingerprint(manifest["config_hash"], manifest["shards"])
     (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_catches_altered_correspondences_with_matching_checksums(reference_copy):
+    out, shard, index = reference_copy, 1, 2
+    key = sample_key(shard, index)
+
+    def shifted(members):
+        flow = decode_npy(members["src2tgt.npy"]).astype(np.float32)
+        members["src2tgt.npy"] = encode_npy(np.clip(flow + 0.05, 0, 1).astype(np.float16))
+
+    rewrite_sample(out, shard, index, shifted)
 
     result = run_cli(["verify", out, "--quiet"], expect=1)
     bad = [line for line in result.output.splitlines() if line.startswith("BAD")]
@@ -476,6 +500,45 @@ def test_verify_reports_a_missing_shard(reference_copy):
     result = run_cli(["verify", reference_copy, "--quiet"], expect=1)
     assert f"BAD {shard_name(3)}: missing" in result.output
     assert f"{REFERENCE_N - REFERENCE_SHARD_SIZE} samples" in result.output
+
+
+def test_verify_names_packages_whose_versions_differ_from_the_sets(reference_copy):
+    path = reference_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["versions"]["opencv"] = "5.0.0.93"  # versions are not part of the fingerprint
+    path.write_text(json.dumps(manifest))
+    result = run_cli(["verify", reference_copy, "--quiet"])
+    assert "0 problem(s)" in result.output
+    assert "opencv 5.0.0.93 in the set" in result.stderr and "may give other bytes" in result.stderr
+
+
+def test_rebuild_check_reproduces_shards_byte_for_byte(reference):
+    result = run_cli(["verify", reference, "--quiet", "--rebuild-check", "2"])
+    assert "rebuild check: 2 of 2 shards rebuilt byte for byte" in result.output, all_output(result)
+    assert f"rebuilding {shard_name(0)}" in result.stderr and f"rebuilding {shard_name(REFERENCE_SHARDS - 1)}" \
+        in result.stderr
+
+
+def test_rebuild_check_locates_where_a_stored_shard_differs(reference_copy):
+    """A shard rewritten with one sample's mask changed (manifest and fingerprint updated, so that
+    only a rebuild can tell): the check names the shard, the sample and the member."""
+    shard, index = REFERENCE_SHARDS - 1, 2
+
+    def spaced(members):
+        members["json"] = members["json"].replace(b'"schema_version"', b'"schema_version" ', 1)
+
+    rewrite_sample(reference_copy, shard, index, spaced)
+    result = run_cli(["verify", reference_copy, "--quiet", "--rebuild-check", "2"], expect=1)
+    bad = [line for line in result.output.splitlines() if line.startswith("BAD") and "rebuilt" in line]
+    assert len(bad) == 1, result.output
+    assert shard_name(shard) in bad[0] and f"sample {sample_key(shard, index)} (json)" in bad[0]
+    assert "rebuild check: 1 of 2 shards" in result.output
+
+
+def test_rebuild_check_needs_the_bank_and_says_so(reference_copy):
+    shutil.rmtree(reference_copy / "bank")
+    result = run_cli(["verify", reference_copy, "--quiet", "--rebuild-check", "1"], expect=1)
+    assert "no segment bank beside the shards" in all_output(result)
 
 
 def test_verify_catches_a_manifest_whose_fingerprint_does_not_match(reference_copy):

@@ -151,7 +151,7 @@ def typed_defaults() -> dict:
 
 
 RUN_OPTIONS = {"n": None, "out_dir": None, "seed": 0, "overwrite": False, "no_progress": False,
-               "workers": None, "manifests_dir": None}
+               "workers": None, "scheduler": None, "manifests_dir": None}
 """Options of how and where a build runs, with the library's default (``build()``'s; None: the
 command's own). ``--workers`` (all cores) and ``--manifests-dir`` (a copy in ./manifests) are the
 command's only: the bytes do not depend on either, and a library call starts no processes and

@@ -205,3 +205,15 @@ def test_load_manifest_errors(tmp_path):
     with pytest.raises(ManifestError, match=str(path)) as info:
         load_manifest(tmp_path)
     assert "schema version" in str(info.value)
+
+
+def test_version_differences_name_the_package_and_what_it_decides():
+    from datagen.format.manifest import BYTES_DEPEND_ON, package_versions, version_differences
+
+    here = package_versions()
+    assert version_differences(here, here) == []
+    assert set(here) <= set(BYTES_DEPEND_ON)  # every recorded package says what it decides
+    lines = version_differences(dict(here, opencv="5.0.0.93", scipy="1.0"), here)
+    assert len(lines) == 2
+    assert lines[0].startswith(f"opencv 5.0.0.93 in the set, {here['opencv']} here") and "JPEG" in lines[0]
+    assert lines[1].startswith("scipy 1.0 in the set") and "blend" in lines[1]

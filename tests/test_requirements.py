@@ -26,6 +26,9 @@ IMPORT_TO_DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "ski
 """Import names that differ from their distribution's name (used when the package is not
 installed, so that importlib.metadata cannot tell)."""
 USED_WITHOUT_IMPORT = {"tensorboard": "torch.utils.tensorboard writes the event files through it"}
+OPTIONAL_IMPORTS = {"distributed": "cluster", "dask": "cluster"}
+"""Packages that datagen/ imports only on an optional path (``--scheduler``), with the extra of
+setup.cfg that declares them."""
 
 
 def normalise(name: str) -> str:
@@ -83,11 +86,20 @@ def third_party(modules: dict[str, str]) -> dict[str, str]:
             if name not in sys.stdlib_module_names and name not in OWN | LOCAL_MODULES}
 
 
+def extra_names(extra: str | None) -> set[str]:
+    """Normalised distribution names of one extra of setup.cfg (empty for None)."""
+    if extra is None:
+        return set()
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return requirement_names(config["options.extras_require"][extra])
+
+
 @pytest.mark.parametrize("folder", ["datagen", "trainer"])
 def test_package_imports_are_runtime_requirements(folder):
     runtime, _ = declared()
     missing = {name: path for name, path in third_party(imported_modules(ROOT / folder)).items()
-               if not distributions_of(name) & runtime}
+               if not distributions_of(name) & (runtime | extra_names(OPTIONAL_IMPORTS.get(name)))}
     assert not missing, f"imported but not in setup.cfg's install_requires: {missing}"
 
 

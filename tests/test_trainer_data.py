@@ -245,3 +245,28 @@ def test_a_manifest_whose_fingerprint_is_not_its_shard_lists_is_refused(referenc
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="not that of its shard list"):
         dataset_fingerprint(shards)
+
+
+def test_a_worker_whose_shards_vanish_fails_instead_of_spinning(reference, tmp_path):
+    """Leftover samples in the shuffle buffer must not keep a worker looping over unreadable
+    epochs without a batch: in a multi-process run the other ranks would wait for it forever."""
+    import signal
+
+    tar = tmp_path / shard_name(0)
+    shutil.copy(reference / shard_name(0), tar)
+    stream = iter(small_stream([str(tar)], shuffle_buffer=4))
+    next(stream)
+    tar.unlink()
+
+    def hung(signum, frame):
+        raise AssertionError("the stream kept looping without a batch or an error")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(RuntimeError, match="no readable sample"):
+            for _ in range(10):
+                next(stream)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

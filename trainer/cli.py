@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def _apply_preset(ctx, param, value: str) -> str:
 
 def _fail(error: Exception) -> None:
     raise click.ClickException(str(error)) from error
+
+
+def _rank_zero() -> bool:
+    """True unless this process is a rank other than 0 of a torchrun job (RANK in the
+    environment): the messages of ``fit`` are printed once, by rank 0."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _int_list(ctx, param, value: str) -> tuple[int, ...]:
@@ -156,6 +163,9 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
 
     The options and --shards are checked first; run.json (the resolved config, data and backbone
     weights) is written when training starts.
+
+    Several GPUs or machines: torchrun --nproc_per_node=N -m trainer fit ... (each rank takes
+    --positives and --negatives per step; rank 0 writes --out).
     """
     transformer = TransformerConfig(layers=layers, d_model=d_model, heads=heads, feedforward=feedforward)
     ncnet = NCNetConfig(k=ncnet_k, kernel_sizes=ncnet_kernel_sizes, channels=ncnet_channels,
@@ -179,7 +189,7 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
         weights = find_backbone_weights(backbone_weights)
     except BackboneWeightsError as error:
         _fail(error)
-    if weights == RANDOM:
+    if weights == RANDOM and _rank_zero():
         click.echo("WARNING: --backbone-weights random: the backbone is not pre-trained; this run is for "
                    "smoke tests only and is recorded as such in run.json and the checkpoint.", err=True)
     options = FitOptions(run_dir=run_dir, device=device, workers=workers, checkpoint_every=checkpoint_every,
@@ -190,9 +200,12 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
             warnings.filterwarnings("ignore", message="the backbone keeps its RANDOM")  # said above, once
             metrics = run_fit(config, shards, options)
     except (ResumeError, FileNotFoundError, ValueError, BackboneWeightsError) as error:
+        if not _rank_zero():
+            sys.exit(1)  # every rank fails alike; rank 0 says why
         _fail(error)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
-    click.echo(f"stopped at step {metrics.get('step', '?')}: {summary}; checkpoint {run_dir / 'checkpoint.pt'}")
+    if _rank_zero():
+        click.echo(f"stopped at step {metrics.get('step', '?')}: {summary}; checkpoint {run_dir / 'checkpoint.pt'}")
 
 
 @main.command(short_help="Read every sample through the trainer's reader and print counts.")

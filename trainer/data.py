@@ -4,8 +4,9 @@ Shards are read with datagen's strict tar reader (plain tars only, member sizes 
 corrupt member an error rather than a silent stop); samples are decoded only by
 :func:`datagen.format.schema.decode_sample` (raw bytes in, arrays out: nothing is ever unpickled).
 Each epoch visits the shards in a new order (seeded by the run seed and the epoch), samples
-pass through a shuffle buffer, and every loader worker reads its own share of the shards. A
-corrupt shard or sample is skipped with a warning and counted; training goes on.
+pass through a shuffle buffer, and every loader worker of every rank (process of a
+``torchrun`` job) reads its own share of the shards (:func:`worker_shards`). A corrupt shard or
+sample is skipped with a warning and counted; training goes on.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import numpy as np
 import torch
 
 from datagen.format.grids import recompute_grids
-from datagen.format.hashing import sha256_file
 from datagen.format.imageio import resize_image
 from datagen.format.schema import PairSample, decode_sample
 from datagen.format.shards import ShardError, iter_tar_samples
 from datagen.format.shardset import ShardSet, resolve_shard_set
+from datagen.format.storage import is_url
 
 from .config import TrainConfig
 
@@ -43,32 +44,28 @@ def dataset_fingerprint(shards) -> str | None:
 
 
 def iter_raw(urls: list[str], on_error, checksums: dict | None = None, verified: set | None = None) -> Iterator[dict]:
-    """Raw samples ``{"__key__": ..., field: bytes}`` of the tar files at ``urls`` in order, read
-    with datagen's strict reader (:func:`datagen.format.shards.iter_tar_samples`: plain tars only,
-    member sizes bounded, a corrupt or truncated member is an error, not a silent stop).
+    """Raw samples ``{"__key__": ..., field: bytes}`` of the tar files at ``urls`` (paths or URLs) in
+    order, read with datagen's strict reader (:func:`datagen.format.shards.iter_tar_samples`: plain
+    tars only, member sizes bounded, a corrupt or truncated member is an error, not a silent stop;
+    a remote shard fetched in one pass).
 
     ``on_error(url, exception)`` is called for a shard that cannot be read, after its complete
-    samples; the stream goes on with the next shard. ``checksums`` ({url: sha256}): a shard
-    whose bytes do not hash to it is skipped whole (``verified`` remembers the shards already
-    checked, so an epoch does not hash them again).
+    samples; the stream goes on with the next shard. ``checksums`` ({url: sha256}): a shard whose
+    bytes do not hash to it is skipped whole, before any of its samples is used (``verified``
+    remembers the local shards already checked, so an epoch does not hash them again; a remote
+    shard is hashed as it arrives, at no extra cost).
     """
     for url in urls:
         expected = (checksums or {}).get(url)
-        if expected is not None and (verified is None or url not in verified):
-            try:
-                digest = sha256_file(url)
-            except OSError as error:
-                on_error(url, error)
-                continue
-            if digest != expected:
-                on_error(url, ValueError(f"sha256 {digest[:12]} differs from the manifest's {expected[:12]}"))
-                continue
-            if verified is not None:
-                verified.add(url)
+        if expected is not None and verified is not None and url in verified:
+            expected = None
         try:
-            yield from iter_tar_samples(url)
+            yield from iter_tar_samples(url, sha256=expected)
         except ShardError as error:
             on_error(url, error)
+            continue
+        if expected is not None and verified is not None and not is_url(url):
+            verified.add(url)
 
 
 @dataclass
@@ -136,29 +133,59 @@ def collate(examples: list[Example], skipped: int) -> dict:
     return batch
 
 
+def worker_shards(urls: list[str], seed: int, epoch: int, index: int, total: int) -> list[str]:
+    """The shards that loader worker ``index`` of ``total`` reads in epoch ``epoch``.
+
+    A worker's index counts over all the ranks of a job: ``rank * workers + worker`` of
+    ``world_size * workers`` (``workers`` 1 for a loader without worker processes). Every worker
+    of every rank shuffles the same list with ``Random((seed, epoch))`` (no rank in it), so the
+    shares ``order[index::total]`` are disjoint and together hold every shard once per epoch.
+
+    When there are fewer shards than workers, a worker whose share is empty reads the one shard
+    ``order[index % len(order)]`` (it is some other worker's too): each worker, hence each rank,
+    has data in every epoch, so no rank runs dry while the others wait for it to take its
+    training step; the samples of the ranks then overlap. Disjoint data across ranks needs at
+    least ``world_size * workers`` shards. Shares that differ by one shard are fine: the stream is
+    endless and training counts steps, so a rank with a smaller share just begins its next epoch
+    sooner.
+    """
+    if not 0 <= index < total:
+        raise ValueError(f"loader worker {index} of {total}: the index must be in 0 .. {total - 1}")
+    order = list(urls)
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return order[index::total] or order[index % len(order)::len(order)]
+
+
 class PairStream(torch.utils.data.IterableDataset):
     """An endless stream of batches of ``config.positives`` examples.
 
     Epoch ``e`` visits the shards in the order of ``Random((seed, start_epoch + e))``, split
-    between loader workers; samples go through a buffer of ``config.shuffle_buffer``. Each batch
-    carries ``skipped``: how many shards or samples this worker skipped since its last batch.
+    between the loader workers of all ranks (:func:`worker_shards`; ``rank`` of ``world_size``
+    is this process's place in a multi-process job, 0 of 1 otherwise); samples go through a
+    buffer of ``config.shuffle_buffer``, whose random draws are seeded per worker and rank. Each
+    batch carries ``skipped``: how many shards or samples this worker skipped since its last batch.
     """
 
     def __init__(self, urls: list[str], config: TrainConfig, start_epoch: int = 0, batch_size: int | None = None,
-                 checksums: dict | None = None):
+                 checksums: dict | None = None, rank: int = 0, world_size: int = 1):
         super().__init__()
         if not urls:
             raise ValueError("no shards to train on")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of {world_size}: the rank must be in 0 .. {world_size - 1}")
         self.urls = list(urls)
         self.config = config
         self.start_epoch = start_epoch
         self.batch_size = batch_size or config.positives
         self.checksums = checksums
+        self.rank = rank
+        self.world_size = world_size
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(f"{self.config.seed}:{self.start_epoch}:{worker}")
+        index, total = self.rank * workers + worker, self.world_size * workers
+        rng = random.Random(f"{self.config.seed}:{self.start_epoch}:{index}")
         skipped = 0
 
         def on_error(where, error):
@@ -170,10 +197,9 @@ class PairStream(torch.utils.data.IterableDataset):
         batch: list[Example] = []
         verified: set = set()
         epoch = self.start_epoch
+        idle_epochs = 0
         while True:
-            order = list(self.urls)
-            random.Random(f"{self.config.seed}:epoch:{epoch}").shuffle(order)
-            mine = order[worker::workers] or order[worker % len(order)::len(order)]
+            mine = worker_shards(self.urls, self.config.seed, epoch, index, total)
             seen = 0
             for members in iter_raw(mine, on_error, self.checksums, verified):
                 try:
@@ -189,8 +215,13 @@ class PairStream(torch.utils.data.IterableDataset):
                 if len(batch) == self.batch_size:
                     yield collate(batch, skipped)
                     batch, skipped = [], 0
-            if seen == 0 and not buffer:
-                raise RuntimeError(f"worker {worker}: no readable sample in {len(mine)} shards")
+            # A worker that cannot make batches must fail, not spin: in a multi-process run the other
+            # ranks would wait for it. An epoch without a readable sample is tolerated while samples
+            # are left over, as long as another share may still hold some.
+            idle_epochs = 0 if seen else idle_epochs + 1
+            if idle_epochs and (not buffer or idle_epochs > len(self.urls)):
+                raise RuntimeError(f"loader worker {index} of {total}: no readable sample in {len(mine)} shards"
+                                   + (f" ({idle_epochs} epochs in a row)" if idle_epochs > 1 else ""))
             rng.shuffle(buffer)
             while len(buffer) > self.config.shuffle_buffer // 2:
                 batch.append(buffer.pop())
@@ -220,14 +251,17 @@ def manifest_checksums(found: ShardSet, verify: bool | None = None) -> dict | No
 
 
 def make_loader(shards, config: TrainConfig, workers: int, start_epoch: int = 0,
-                batch_size: int | None = None, verify: bool | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process).
+                batch_size: int | None = None, verify: bool | None = None, rank: int = 0,
+                world_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`PairStream` with ``workers`` processes (0: in the main process),
+    reading the share of rank ``rank`` of ``world_size`` (:func:`worker_shards`).
     ``verify`` (see :func:`manifest_checksums`): each shard's sha256 is checked against its
     manifest before it is read (once per loader process); a shard that differs is skipped with
     a warning."""
     found = resolve_shard_set(shards)
     checksums = manifest_checksums(found, verify)
-    stream = PairStream([str(tar) for tar in found.tars], config, start_epoch, batch_size, checksums)
+    stream = PairStream([str(tar) for tar in found.tars], config, start_epoch, batch_size, checksums,
+                        rank=rank, world_size=world_size)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 

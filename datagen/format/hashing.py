@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from datagen.format.storage import copy_hashed
+
 
 def canonical_json(data) -> str:
     """JSON with sorted keys and no whitespace: the form that is hashed."""
@@ -18,12 +20,6 @@ def config_hash(config) -> str:
 
 
 def sha256_file(path, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(chunk_size)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 hex digest of a file (a local path or a URL, :mod:`datagen.format.storage`), read in
+    chunks."""
+    return copy_hashed(path, None, chunk_size=chunk_size)[0]

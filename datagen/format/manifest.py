@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import io
 import json
 import platform
 from pathlib import Path
@@ -29,8 +30,13 @@ from datagen.format.hashing import canonical_json
 from datagen.format.hashing import config_hash as compute_config_hash
 from datagen.format.schema import SCHEMA_VERSION
 from datagen.format.shards import shard_name
+from datagen.format.storage import is_url, location, read_limited
 
 MANIFEST_NAME = "manifest.json"
+MAX_ROWS_BYTES = 256 << 20
+"""Largest ``*.samples.parquet`` read (a shard of 10k attempts takes about a megabyte)."""
+MAX_MANIFEST_BYTES = 64 << 20
+"""Largest manifest read (a set of a million pairs in 1000 shards has a manifest of about 300 KB)."""
 STATUSES = ("accepted", "rejected")
 STATS_KEYS = ("shard", "name", "samples", "attempted", "rejected", "bytes", "sha256",
               "config_hash", "schema_version")
@@ -120,11 +126,11 @@ def read_sample_rows(path) -> list[dict]:
     """Read a ``*.samples.parquet`` file back as a list of row dicts (``sha256`` None in files
     written before it was recorded)."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(read_limited(path, MAX_ROWS_BYTES)))
         if "sha256" not in table.column_names:
             table = table.append_column("sha256", pa.nulls(len(table), pa.string()))
         return table.select(SAMPLE_ROWS_SCHEMA.names).cast(SAMPLE_ROWS_SCHEMA).to_pylist()
-    except (OSError, KeyError, pa.ArrowException) as error:
+    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
         raise ManifestError(f"{path}: unreadable sample rows: {error}") from error
 
 
@@ -175,8 +181,21 @@ _PACKAGES = {
     "pycocotools": (("pycocotools",), "pycocotools"),
     "pyarrow": (("pyarrow",), "pyarrow"),
     "scipy": (("scipy",), "scipy"),  # its FFTs solve the Poisson blend: the image bytes depend on it
-    "datagen": (("datagen",), "datagen"),
+    "torch": (("torch",), "torch"),
+    "datagen": (("segswap", "datagen"), "datagen"),
 }
+BYTES_DEPEND_ON = {
+    "python": "no known effect on the bytes",
+    "numpy": "random draws and array maths: where segments go and their pixels",
+    "opencv": "JPEG and PNG coding, resizing, warping and blending: image and mask bytes",
+    "pycocotools": "polygon rasterisation: the segment masks",
+    "pyarrow": "the parquet tables' bytes only (not the shards, not the fingerprint)",
+    "scipy": "the Poisson blend's FFTs: the blended pixels",
+    "torch": "AdaIN's stylised images and LOST's masks (not the pairs of an unstylised COCO build)",
+    "datagen": "the generator itself: any of the pairs",
+}
+"""What each recorded package decides in a set's bytes, for telling a user whether a set can be
+rebuilt here byte for byte or only verified."""
 
 
 def _version(distributions: tuple, module: str) -> str | None:
@@ -197,6 +216,18 @@ def package_versions() -> dict:
     for label, (distributions, module) in _PACKAGES.items():
         versions[label] = _version(distributions, module)
     return versions
+
+
+def version_differences(recorded: dict, current: dict | None = None) -> list[str]:
+    """One line per package whose version in a manifest's ``versions`` (``recorded``) differs from
+    this machine's (``current``, default :func:`package_versions`), saying what that changes."""
+    current = package_versions() if current is None else current
+    lines = []
+    for name in sorted(set(recorded) | set(current)):
+        if name in recorded and recorded.get(name) != current.get(name):
+            effect = BYTES_DEPEND_ON.get(name, "unknown effect on the bytes")
+            lines.append(f"{name} {recorded.get(name)} in the set, {current.get(name)} here: {effect}")
+    return lines
 
 
 def fingerprint(config_hash: str, shards: list[dict]) -> str:
@@ -285,15 +316,16 @@ def write_manifest(manifest: dict, out_dir, copies_dir=None) -> Path:
 
 
 def load_manifest(path_or_dir) -> dict:
-    """Read a manifest file (or ``<dir>/manifest.json``); ManifestError names the file on failure."""
-    path = Path(path_or_dir)
-    if path.is_dir():
+    """Read a manifest file (or ``<dir>/manifest.json``; a local path or a URL); ManifestError names
+    the file on failure. A file over :data:`MAX_MANIFEST_BYTES` is refused unread."""
+    path = location(path_or_dir)
+    if not is_url(path) and path.is_dir():
         path = path / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, MAX_MANIFEST_BYTES).decode("utf-8")
     except FileNotFoundError as error:
         raise ManifestError(f"{path}: manifest not found") from error
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ManifestError(f"{path}: cannot read manifest: {error}") from error
     try:
         manifest = json.loads(text)

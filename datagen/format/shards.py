@@ -17,11 +17,14 @@ import hashlib
 import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from datagen.format.atomic import fsync_dir, temporary_path
+from datagen.format.hashing import sha256_file
+from datagen.format.storage import copy_hashed, is_url, location
 
 SHARD_DIGITS = 6
 MAX_INDEX = 10 ** SHARD_DIGITS - 1
@@ -32,6 +35,8 @@ TAR_MTIME = 0
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 _COMPRESSED_MAGIC = (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x28\xb5\x2f\xfd"),
                      ("lz4", b"\x04\x22\x4d\x18"))
+SPOOL_MEMORY = 256 << 20
+"""Bytes of a fetched remote shard kept in memory before its spool moves to a temporary file."""
 MAX_MEMBER_BYTES = 64 << 20
 """Largest tar member a reader takes (a 480 px pair's largest is about 60 KB)."""
 _SHARD_NAME = re.compile(rf"^shard-(\d{{{SHARD_DIGITS},}})\.")
@@ -223,8 +228,37 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, field if dot else ""
 
 
-def iter_tar_samples(path) -> Iterator[dict]:
+def _open_checked(path, sha256: str | None):
+    """An open binary file of shard ``path`` (a spooled copy for a URL) whose bytes hash to
+    ``sha256`` when given; ShardError otherwise, or when it cannot be read."""
+    try:
+        if is_url(path):
+            handle = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+            try:
+                digest, _ = copy_hashed(path, handle)
+            except BaseException:
+                handle.close()
+                raise
+            handle.seek(0)
+        else:
+            digest = sha256_file(path) if sha256 is not None else None
+            handle = open(path, "rb")
+    except Exception as error:  # noqa: BLE001 - any failure to fetch (OSError, HTTP, auth) names the shard
+        reason = getattr(error, "strerror", None) or error
+        raise ShardError(path, f"cannot read: {type(error).__name__}: {reason}") from error
+    if sha256 is not None and digest != sha256:
+        handle.close()
+        raise ShardError(path, f"sha256 {digest[:12]} differs from the manifest's {sha256[:12]}")
+    return handle
+
+
+def iter_tar_samples(path, sha256: str | None = None) -> Iterator[dict]:
     """Yield ``{"__key__": key, field: bytes}`` per sample of a tar shard, in file order.
+
+    ``path`` is a local path or a URL (:mod:`datagen.format.storage`); a URL is fetched in one
+    sequential pass into a temporary spool (memory up to :data:`SPOOL_MEMORY`, then disk), one
+    shard at a time. ``sha256``: the shard's bytes must hash to it before any sample is yielded
+    (hashed on the way in for a URL, by one more read for a local file).
 
     Consecutive members with the same key (name up to the first dot) form one sample.
     Raises :class:`ShardError` naming the shard and the last good sample key when the tar
@@ -233,13 +267,9 @@ def iter_tar_samples(path) -> Iterator[dict]:
     declares more than :data:`MAX_MEMBER_BYTES`, a member name has no field, or a key or field
     appears twice.
     """
-    path = Path(path)
+    path = location(path)
     last_key = None
-    try:
-        handle = open(path, "rb")
-    except OSError as error:
-        raise ShardError(path, f"cannot open: {error.strerror or error}") from error
-    with handle:
+    with _open_checked(path, sha256) as handle:
         magic = handle.read(6)
         handle.seek(0)
         for name, prefix in _COMPRESSED_MAGIC:

@@ -11,12 +11,17 @@ all accept the same forms:
 - one ``.tar`` file;
 - a list of any of these (from Python).
 
+Each form may also be a URL (``https://``, ``s3://``, ``gs://``; :mod:`datagen.format.storage`):
+a folder URL must hold a ``manifest.json`` (an HTTP server cannot list a folder), and its shards
+are streamed, never downloaded whole. ``pipe:`` and other schemes are refused.
+
 Tars named by a pattern or one by one keep their manifest entry (size, sha256, sample count) when
 the manifest of their folder lists them, so they can still be checked against it.
 
 A manifest's shard names must be plain file names: a name with a path separator, or ``.``/``..``,
 is refused, and so is a listed shard that is a link out of the folder or not a regular file (a
-FIFO would hang a reader), so that a manifest never makes a command open a file outside the set.
+FIFO would hang a reader), so that a manifest never makes a command open a file outside the set:
+the shards of a manifest are always its names joined to the manifest's own folder (or URL).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from datagen.format.manifest import MANIFEST_NAME, ManifestError, fingerprint, load_manifest
+from datagen.format.storage import is_url, location
 
 FORMS = ("a shard folder, its manifest.json, a brace pattern such as 'shards/shard-{000000..000009}.tar', "
          "or a .tar file")
@@ -91,7 +97,10 @@ def _checked_names(manifest: dict, path: Path) -> list[str]:
 
 def _check_inside(tar: Path, folder: Path, manifest_path: Path) -> None:
     """Refuse a listed shard that is a link out of the set's folder, or not a regular file (a FIFO
-    would hang a reader). A missing one is left to the reader to report."""
+    would hang a reader). A missing one is left to the reader to report. (A URL's shards are
+    objects of the store, joined to the manifest's URL: nothing to check here.)"""
+    if is_url(tar):
+        return
     if tar.is_symlink() and tar.resolve().parent != folder.resolve():
         raise ManifestError(f"{manifest_path}: shard {tar.name} is a link to {tar.resolve()}, outside the "
                             f"set's folder")
@@ -123,7 +132,35 @@ def _with_folder_manifest(spec: str, tars: list[Path]) -> ShardSet:
     return ShardSet(spec, tuple(tars), manifest, manifest_path, entries or None, whole=False)
 
 
+def _url_tars_of(spec: str) -> list | ShardSet:
+    """The forms of a URL: a brace pattern of .tar URLs, a manifest URL, one .tar URL, or a folder
+    URL with a manifest.json (a store cannot always list a folder, an HTTP server never)."""
+    if "{" in spec:
+        expanded = [location(item) for item in braceexpand(spec)]
+        bad = [str(url) for url in expanded if not url.name.endswith(".tar")]
+        if bad:
+            raise ShardSetError(f"{spec}: the pattern names {len(bad)} URL(s) that are not .tar files, "
+                                f"e.g. {', '.join(bad[:3])}")
+        return expanded
+    url = location(spec)
+    if url.name.endswith(".json"):
+        return _from_manifest(spec, url)
+    if url.name.endswith(".tar"):
+        return [url]
+    manifest = url / MANIFEST_NAME
+    try:
+        listed = manifest.is_file()
+    except (OSError, ValueError) as error:
+        raise ShardSetError(f"{spec}: cannot reach it ({type(error).__name__}: {error})") from None
+    if not listed:
+        raise ShardSetError(f"{spec}: no {MANIFEST_NAME} at this URL (a folder URL needs its manifest; or name "
+                            f"a .tar URL or a brace pattern of them)")
+    return _from_manifest(spec, manifest)
+
+
 def _tars_of(spec: str) -> list[Path] | ShardSet:
+    if is_url(spec):
+        return _url_tars_of(spec)
     if "{" in spec:
         expanded = [Path(item) for item in braceexpand(spec)]
         bad = [str(p) for p in expanded if p.suffix != ".tar" or not p.is_file()]
@@ -161,7 +198,7 @@ def resolve_shard_set(spec) -> ShardSet:
             return resolve_shard_set(spec[0])
         tars = [tar for item in spec for tar in resolve_shard_set(item).tars]
         return _with_folder_manifest(", ".join(str(item) for item in spec), tars)
-    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
+    spec = str(spec) if is_url(spec) or not isinstance(spec, os.PathLike) else os.fspath(spec)
     if not spec:
         raise ShardSetError(f"no shard set given (a shard set is {FORMS})")
     found = _tars_of(spec)

@@ -6,6 +6,7 @@
 - :mod:`~datagen.runner.styling`       style options, the stylizer, a shard's drawn styles and batches
 - :mod:`~datagen.runner.task`          :class:`ShardTask`: one shard, a picklable callable
 - :mod:`~datagen.runner.distribute`    where tasks run: the :class:`Distributor` interface, in process, joblib
+- :mod:`~datagen.runner.dask_distributor`  the same tasks on a Dask cluster (``--scheduler``)
 - :mod:`~datagen.runner.worker_state`  what a process keeps between shards (bank, stylizer)
 - :mod:`~datagen.runner.resume`        finished shards, another build's shards, leftovers of a killed one
 - :mod:`~datagen.runner.errors`        :class:`BuildError`

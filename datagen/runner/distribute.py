@@ -9,8 +9,10 @@ the distributor only where and how many at once. Two local ones:
   a manager queue, and optionally one stylizer of this process serving every worker (a
   :class:`~datagen.style.pipeline.StyleServer`, for a GPU).
 
-A cluster distributor (e.g. Dask) implements the same ``run``: the tasks pickle, and their bytes
-do not depend on where they run.
+A cluster one, :class:`~datagen.runner.dask_distributor.DaskDistributor` (``datagen build
+--scheduler``), implements the same ``run`` on a Dask cluster: the tasks pickle, and their bytes
+do not depend on where they run. It lives in its own module so that only a cluster build imports
+``distributed`` (the ``cluster`` extra).
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ from joblib import Parallel, delayed
 from datagen.runner.lock import die_with_parent
 from datagen.runner.styling import serve_style
 from datagen.runner.task import ShardTask
+
+CLUSTER_STAGING_DIR = ".cluster-staging"
+"""Folder of a build's output where the attempts of a cluster build write their shard before its
+files are renamed into the output (:mod:`~datagen.runner.dask_distributor`); what a killed build
+left there is removed with its other leftovers."""
 
 Progress = Callable[[int], None]
 """Called with a number of samples just written."""

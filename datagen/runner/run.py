@@ -10,6 +10,7 @@ from here: :func:`build`, :class:`SourceSpec`, :class:`StyleSpec`, :class:`Build
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,8 +19,15 @@ from tqdm import tqdm
 
 from datagen.config import BuildConfig
 from datagen.format.hashing import config_hash
-from datagen.format.manifest import build_manifest, write_manifest
-from datagen.runner.distribute import Distributor, local_distributor
+from datagen.format.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    build_manifest,
+    load_manifest,
+    version_differences,
+    write_manifest,
+)
+from datagen.runner.distribute import CLUSTER_STAGING_DIR, Distributor, local_distributor
 from datagen.runner.errors import BuildError
 from datagen.runner.inputs import (
     BANK_DIR,
@@ -69,6 +77,8 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
     check_writable(out, "--out")
     with OutputLock(out, "datagen build"), sigterm_as_interrupt():
         remove_leftovers(out)
+        # a killed cluster build's attempt folders: an attempt still running there can no longer publish
+        shutil.rmtree(out / CLUSTER_STAGING_DIR, ignore_errors=True)
         check_out_dir(out, identity, overwrite)
         inputs = prepare_bank(spec, config, out / BANK_DIR, log, record=record, source=source)
 
@@ -78,6 +88,8 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
                            identity.inputs_sha256, style) for k, count in shards if k not in done]
         if done:
             log(f"resuming: {len(done)} of {len(shards)} shards already complete")
+            for line in versions_since_last_manifest(out):
+                log(f"warning: {line}; the new shards may not match bytes the old ones would have had")
         extra = shards_beyond(out, len(shards))
         if extra:
             log(f"warning: {len(extra)} shards beyond this build's {len(shards)} are left out of the manifest: "
@@ -94,6 +106,16 @@ def build(config: BuildConfig, spec: SourceSpec, n: int, out_dir, seed: int = 0,
                                   shard_stats=list(done.values()) + built, n_requested=n)
         write_manifest(manifest, out, manifests_dir)
     return manifest
+
+
+def versions_since_last_manifest(out: Path) -> list[str]:
+    """The package versions that differ from those of the manifest already in ``out`` (a resumed
+    or extended set), each with what it decides in the bytes; empty when there is none."""
+    try:
+        manifest = load_manifest(out / MANIFEST_NAME)
+    except ManifestError:
+        return []
+    return version_differences(manifest.get("versions") or {})
 
 
 def check_writable(directory: Path, option: str) -> None:
