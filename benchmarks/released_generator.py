@@ -1,10 +1,10 @@
-"""The baseline of ``bench_build.py``: the per-pair steps of the authors' released one-object
-generator (``data/generate_1obj.py`` of XiSHEN0220/SegSwap), style transfer left out, timed by
-stage on the same plans as our builder.
+"""The baseline of ``bench_build.py``: the per-pair steps of the authors' released generators
+(``data/generate_1obj.py`` and ``data/generate_2obj.py`` of XiSHEN0220/SegSwap), style transfer
+left out, timed by stage on the same plans as our builder.
 
-Written here from the released script's sequence of operations, with the libraries it calls, so
-the ratio against our builder is measured in one run on one machine instead of quoted from
-another one. Per attempted pair:
+Written here from the released scripts' sequences of operations, with the libraries they call,
+so the ratio against our builder is measured in one run on one machine instead of quoted from
+another one. Per attempted one-object pair:
 
 * load: PIL decode + RGB conversion of the background (resized to 480 x 480, bilinear) and of
   the source image;
@@ -18,11 +18,20 @@ another one. Per attempted pair:
 * encode/write: the two images saved as JPEG by PIL (its default quality, 75) and the two
   (3, 30, 30) float32 arrays by ``np.save``, as four files.
 
-The choices (source segment, background, aspect, angle, ratio, position, border crop) come from
-our sampler's plan, so both generators do the same pairs; the released generator has no
-thin-plate spline in this script, so the baseline skips it (ours pays for it on half the pairs).
-The released rotation's bug (negative angles become near zero) is not copied: the drawn angle is
-used, which costs PIL the same.
+A two-object pair composes two segments of one source image with the same per-object steps,
+in the order of ``generate_2obj.py``: both polygons rasterised and dilated, the attempt dropped
+if the dilated masks overlap, the source and both masks resized to 480 x 480 and gridded, each
+object warped (aspect, rotation, crop) and resized into its region of the layout, both cloned
+into the background one after the other, the cycle-consistent masks of each object (the
+script computes the first object's twice, and so does this), and the attempt dropped after
+all that if the objects' grid masks share a cell or one of them covers fewer than 9 cells in
+either image; an accepted pair writes the same four files. No border crop.
+
+The choices (source segments, background, aspect, angle, ratio, position, border crop, the
+two-object layout) come from our sampler's plan, so both generators do the same pairs; the
+released generators have no thin-plate spline in these scripts, so the baseline skips it (ours
+pays for it on half the pairs). The released rotation's bug (negative angles become near zero)
+is not copied: the drawn angle is used, which costs PIL the same.
 """
 from __future__ import annotations
 
@@ -42,7 +51,7 @@ DILATION_ITERATIONS = 20
 
 
 class ReleasedGeneratorSteps:
-    """Executes :class:`datagen.synth.sampling.PairPlan` s (one object) the released generator's way.
+    """Executes :class:`datagen.synth.sampling.PairPlan` s (one or two objects) the released generators' way.
 
     ``annotations``: the COCO instances file of the bank's images (for the polygons the released
     script rasterises); ``bank``: our segment bank (plan rows -> annotation ids, image paths
@@ -59,11 +68,8 @@ class ReleasedGeneratorSteps:
         self.grid_x, self.grid_y = np.meshgrid(centres, centres)
         self.seconds: dict[str, float] = defaultdict(float)
 
-    def build(self, plan, out_dir: Path, key: str) -> bool:
-        """Attempt one pair; True when it was written (False: rejected, < 9 mask cells or a
-        clone that OpenCV refuses). Stage times accumulate in ``self.seconds``."""
-        size, obj = self.size, plan.objects[0]
-        row = self.bank.row(obj.segment_row)
+    def _stopwatch(self):
+        """``lap(stage)``: adds the time since the previous lap (or since this call) to ``stage``."""
         clock = time.perf_counter()
 
         def lap(stage: str) -> None:
@@ -71,6 +77,18 @@ class ReleasedGeneratorSteps:
             now = time.perf_counter()
             self.seconds[stage] += now - clock
             clock = now
+
+        return lap
+
+    def build(self, plan, out_dir: Path, key: str) -> bool:
+        """Attempt one pair; True when it was written (False: rejected, < 9 mask cells or a
+        clone that OpenCV refuses; for two objects also overlapping dilated masks or grid masks
+        that share a cell). Stage times accumulate in ``self.seconds``."""
+        if len(plan.objects) == 2:
+            return self._build_two(plan, out_dir, key)
+        size, obj = self.size, plan.objects[0]
+        row = self.bank.row(obj.segment_row)
+        lap = self._stopwatch()
 
         background = Image.open(self.images / self.bank.image_path(plan.background_image)).convert("RGB")
         background = background.resize((size, size), resample=Image.BILINEAR)
@@ -128,12 +146,108 @@ class ReleasedGeneratorSteps:
         lap("encode/write")
         return True
 
+    def _build_two(self, plan, out_dir: Path, key: str) -> bool:
+        """:meth:`build` of a two-object plan, as ``generate_2obj.py`` makes a pair."""
+        size = self.size
+        rows = [self.bank.row(obj.segment_row) for obj in plan.objects]
+        lap = self._stopwatch()
+
+        background = Image.open(self.images / self.bank.image_path(plan.background_image)).convert("RGB")
+        background = background.resize((size, size), resample=Image.BILINEAR)
+        source = Image.open(self.images / rows[0].image_path).convert("RGB")
+        lap("load")
+
+        masks = []
+        for row in rows:
+            canvas = Image.new("L", source.size, 0)
+            for polygon in self.polygons[row.segment_id]:
+                ImageDraw.Draw(canvas).polygon(polygon, outline=1, fill=1)
+            masks.append(ndimage.binary_dilation(np.array(canvas, dtype=bool), iterations=DILATION_ITERATIONS))
+        if (masks[0] & masks[1]).any():
+            lap("warp")
+            return False
+        source = source.resize((size, size), resample=Image.BILINEAR)
+        masks = [Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), resample=Image.BILINEAR)
+                 for mask in masks]
+        lap("warp")
+        grid_masks = [_grid_mask(np.array(mask), self.cells) for mask in masks]
+        lap("correspondences")
+        try:
+            warped = [_warp_object(source, mask, obj, region)
+                      for mask, obj, region in zip(masks, plan.objects, plan.regions)]
+        except ValueError:  # a mask gone at 480 px
+            lap("warp")
+            return False
+        lap("warp")
+
+        blended, matrices = np.array(background), []
+        try:
+            for (patch, patch_mask, chain), obj, region in zip(warped, plan.objects, plan.regions):
+                height, width = patch_mask.shape
+                x0 = region[0] + int(obj.position[0] * (region[2] - region[0] - width + 1))
+                y0 = region[1] + int(obj.position[1] * (region[3] - region[1] - height + 1))
+                blended = cv2.seamlessClone(patch, blended, patch_mask,
+                                            (x0 + width // 2 - 1, y0 + height // 2 - 1), cv2.NORMAL_CLONE)
+                target_mask = np.zeros((size, size), np.uint8)
+                target_mask[y0:y0 + height, x0:x0 + width] = patch_mask
+                matrices.append(np.array([[1.0, 0, x0], [0, 1, y0], [0, 0, 1]]) @ chain)
+        except cv2.error:  # a clone that OpenCV refuses
+            lap("blend")
+            return False
+        lap("blend")
+
+        fields, cycled = [], []
+        for k, (grid_mask, matrix) in enumerate(zip(grid_masks, matrices)):
+            field = (self._affine_on_grid(matrix), self._affine_on_grid(np.linalg.inv(matrix)))
+            src_mask, tgt_mask = _cycle_masks(grid_mask, *field)
+            if k == 0:  # the released script runs the first object's twice, the second time on its result
+                src_mask, tgt_mask = _cycle_masks(src_mask, *field)
+            fields.append(field)
+            cycled.append((src_mask, tgt_mask))
+        (src1, tgt1), (src2, tgt2) = cycled
+        lap("correspondences")
+        if (src1 * src2).sum() > 0 or (tgt1 * tgt2).sum() > 0:
+            return False
+        if min(src1.sum(), src2.sum(), tgt1.sum(), tgt2.sum()) < 9:
+            return False
+        forward = [fields[0][0][axis] * (src1 > 0) + fields[1][0][axis] * (src2 > 0) for axis in (0, 1)]
+        backward = [fields[0][1][axis] * (tgt1 > 0.5) + fields[1][1][axis] * (tgt2 > 0.5) for axis in (0, 1)]
+        lap("correspondences")
+
+        source.save(out_dir / f"{key}_a.jpg")
+        Image.fromarray(blended).save(out_dir / f"{key}_b.jpg")
+        for suffix, (x, y), cells in (("a", forward, src1 + src2), ("b", backward, tgt1 + tgt2)):
+            np.save(out_dir / f"{key}_{suffix}.npy", np.stack([x, y, cells]).astype(np.float32))
+        lap("encode/write")
+        return True
+
     def _affine_on_grid(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cells, cells) x and y, normalised, of the grid centres mapped by ``matrix`` (pixels)."""
         points = np.vstack([self.grid_x.ravel() * self.size, self.grid_y.ravel() * self.size,
                             np.ones(self.grid_x.size)])
         mapped = matrix @ points / self.size
         return mapped[0].reshape(self.grid_x.shape), mapped[1].reshape(self.grid_x.shape)
+
+
+def _warp_object(source: Image.Image, mask: Image.Image, obj, region) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One object of a two-object pair warped the released way (``AspectRatio``, ``Rotate``,
+    ``cropbb``, ``resize_bbox_bg`` of ``generate_2obj.py``) from the 480 px source and its 480 px
+    mask into ``region`` (x0, y0, x1, y1): the patch (h, w, 3) uint8, its mask (h, w) uint8 and
+    the (3, 3) map from the source to the patch, in pixels."""
+    size = source.size[0]
+    new_size = (int(size * obj.aspect_x), int(size * obj.aspect_y))
+    patch = source.resize(new_size, resample=Image.BILINEAR)
+    patch_mask = mask.resize(new_size, resample=Image.BILINEAR)
+    patch = patch.rotate(obj.angle_deg, expand=1)
+    patch_mask = patch_mask.rotate(obj.angle_deg, expand=1)
+    ys, xs = np.nonzero(np.array(patch_mask) > 128)
+    box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    patch, patch_mask = patch.crop(box), patch_mask.crop(box)
+    scale = min((region[2] - region[0]) / patch.size[0], (region[3] - region[1]) / patch.size[1]) * obj.ratio
+    scaled = (max(int(patch.size[0] * scale), 1), max(int(patch.size[1] * scale), 1))
+    chain = _affine_chain(size, new_size, obj.angle_deg, box, scale, (0, 0))
+    return (np.array(patch.resize(scaled, resample=Image.BILINEAR)),
+            np.array(patch_mask.resize(scaled, resample=Image.BILINEAR)), chain)
 
 
 def _affine_chain(size: int, aspect_size, angle_deg: float, box, scale: float, offset) -> np.ndarray:

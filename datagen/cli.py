@@ -8,7 +8,16 @@ from pathlib import Path
 
 import click
 
-from datagen.config import BLEND_METHODS, OBJECT_MODES, ONE_SEGMENT_SOURCES, STYLE_METHODS, BuildConfig, WarpConfig
+from datagen.config import (
+    BLEND_METHODS,
+    DILATION_SHAPES,
+    OBJECT_MODES,
+    ONE_SEGMENT_SOURCES,
+    STYLE_METHODS,
+    TWO_OBJECT_LAYOUTS,
+    BuildConfig,
+    WarpConfig,
+)
 from datagen.format.hashing import config_hash
 from datagen.segments import SOURCES
 
@@ -122,17 +131,28 @@ def main():
 @click.option("--dino-device", default="auto", show_default=True,
               help="lost source: device of DINO, 'auto' (CUDA when present), 'cpu' or 'cuda'.")
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of pairs to build.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("shards"),
-              show_default=True, help="Output directory for shards, per-sample parquet files and manifest.json.")
+@click.option("--out", "out_dir", metavar="DIR|URL", default="shards", show_default=True,
+              help="Output folder for shards, per-sample parquet files and manifest.json, or a store URL "
+                   "(s3://BUCKET/PREFIX, gs://..., file://...): each shard is built in --work, then uploaded, "
+                   "stats marker last, the manifest after every shard.")
+@click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With a URL --out: local folder for the segment bank, the build's lock and the shards being "
+                   "uploaded (a rerun finds its bank there). With --scheduler every worker must see it. Default: "
+                   "${XDG_CACHE_HOME:-~/.cache}/segswap/builds/<hash of the URL>.")
+@click.option("--break-lock", is_flag=True,
+              help="With a URL --out: take over the lock object (.build.lock) that a build on another machine "
+                   "left in the store. Only when that build is gone: two builds writing one set is not checked "
+                   "further. (A lock left by a gone build of this machine is taken over without it.)")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Root seed: the same options and seed give byte-identical shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel worker processes (one shard each). Default: all cores. Ignored with --scheduler.")
 @click.option("--scheduler", metavar="ADDRESS", default=None,
               help="Address of a Dask distributed scheduler (tcp://HOST:PORT): the shards are built by that "
-                   "cluster's workers (--workers is ignored), failed shards retried twice, then listed. --out, "
-                   "its bank and the source images must be on a file system that every worker sees at the same "
-                   "path. Needs the 'cluster' extra (pip install 'segswap[cluster]'). Default: this machine.")
+                   "cluster's workers (--workers is ignored), failed shards retried twice, then listed. --out "
+                   "(for a URL --out: --work), its bank and the source images must be on a file system that every "
+                   "worker sees at the same path; with a URL --out each worker uploads its shards. Needs the "
+                   "'cluster' extra (pip install 'segswap[cluster]'). Default: this machine.")
 @click.option("--objects", type=click.Choice(OBJECT_MODES), default=BuildConfig.objects,
               help="'1': one segment per pair; '2': two segments of different categories; 'mix': half and half. "
                    "Default: mix, or 1 for --segments lost (one segment per image).")
@@ -162,6 +182,9 @@ def main():
 @min_area_option
 @click.option("--dilation", type=click.IntRange(min=0), default=BuildConfig.dilation_px, show_default=True,
               help="Dilate each segment mask by this many pixels (at the source's resolution).")
+@click.option("--dilation-shape", type=click.Choice(DILATION_SHAPES), default=BuildConfig.dilation_shape,
+              show_default=True, help="Shape of the dilation: 'diamond' (the authors': DILATION iterations of a 3x3 "
+                                      "cross, every pixel within L1 distance DILATION) or 'disc' (Euclidean).")
 @click.option("--border-crop-prob", type=click.FloatRange(0, 1), default=BuildConfig.border_crop_prob,
               show_default=True, help="Probability of cropping the source so the object touches a border.")
 @click.option("--rotation", type=click.FloatRange(min=0), default=WarpConfig.rotation_deg, show_default=True,
@@ -170,32 +193,55 @@ def main():
               show_default=True, help="Each axis is scaled by U[ASPECT_MIN, 1].")
 @click.option("--tps-prob", type=click.FloatRange(0, 1), default=WarpConfig.tps_prob, show_default=True,
               help="Probability of a thin-plate-spline warp.")
+@click.option("--tps-jitter", type=click.FloatRange(min=0), default=WarpConfig.tps_jitter, show_default=True,
+              help="TPS control points of a g x g grid move by U[-J/g, J/g] of the image (the authors': 0.25).")
+@click.option("--two-object-layout", type=click.Choice(TWO_OBJECT_LAYOUTS), default=WarpConfig.two_object_layout,
+              show_default=True, help="'fixed': one of the authors' 16 quadrant/half layouts; 'cut': the target cut "
+                                      "in two at U[0.35, 0.65].")
+@click.option("--two-object-gap", type=click.IntRange(min=0), default=WarpConfig.two_object_gap_px, show_default=True,
+              help="Pixels between the two regions of a two-object pair where they meet.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=BuildConfig.jpeg_quality, show_default=True,
               help="JPEG quality of the stored images.")
 @click.option("--overwrite", is_flag=True, help="Replace shards of another config or seed found in --out.")
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"),
               show_default=True, help="Also copy manifest.json here (named after --out and the fingerprint).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_device, n, out_dir, seed, workers,
-          scheduler, objects, style, style_dir, adain_vgg, adain_decoder, style_device, image_size, stride, shard_size,
-          blend, min_area, dilation, border_crop_prob, rotation, aspect_min, tps_prob, jpeg_quality, overwrite,
-          manifests_dir, no_progress):
+def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_device, n, out_dir, work_dir,
+          break_lock, seed, workers, scheduler, objects, style, style_dir, adain_vgg, adain_decoder, style_device,
+          image_size, stride, shard_size, blend, min_area, dilation, dilation_shape, border_crop_prob, rotation,
+          aspect_min, tps_prob, tps_jitter, two_object_layout, two_object_gap, jpeg_quality, overwrite, manifests_dir,
+          no_progress):
     """Build N pairs into --out as WebDataset shards with a manifest.
 
     Re-running the same command resumes an interrupted build (only unfinished shards are
-    rebuilt); a larger --n extends it. With --scheduler the shards are built on a Dask cluster
-    and are the same bytes.
+    rebuilt, and only shards whose bytes match their stats are kept); a larger --n extends it.
+    --out may be a bucket (s3://, gs://): shards are uploaded as they are finished. With
+    --scheduler the shards are built on a Dask cluster and are the same bytes.
     """
+    from datagen.format.storage import WRITE_SCHEMES, LocationError, check_scheme, is_url
     from datagen.runner.lock import LockedError
     from datagen.runner.run import BuildError, StyleOptions, StyleSpec, default_workers
     from datagen.runner.run import build as run_build
 
+    if is_url(out_dir):  # a store URL; refused schemes (http://) before any work
+        try:
+            check_scheme(out_dir, WRITE_SCHEMES)
+        except LocationError as error:
+            raise click.BadParameter(str(error), param_hint="'--out'") from None
+        if out_dir.lower().startswith("file://"):
+            out_dir = Path(out_dir[len("file://"):])
+    else:
+        out_dir = Path(out_dir)
+    if isinstance(out_dir, Path) and (work_dir is not None or break_lock):
+        _say("--work and --break-lock are for a URL --out; a local --out holds its own bank and lock")
     _check_objects(segments, objects)
     style = _resolve_style(style, style_dir)
-    warp = WarpConfig(rotation_deg=rotation, aspect_min=aspect_min, tps_prob=tps_prob)
+    warp = WarpConfig(rotation_deg=rotation, aspect_min=aspect_min, tps_prob=tps_prob, tps_jitter=tps_jitter,
+                      two_object_layout=two_object_layout, two_object_gap_px=two_object_gap)
     try:
         config = BuildConfig(segments=segments, min_area=min_area, image_size=image_size, stride=stride,
-                             objects=objects, dilation_px=dilation, border_crop_prob=border_crop_prob,
+                             objects=objects, dilation_px=dilation, dilation_shape=dilation_shape,
+                             border_crop_prob=border_crop_prob,
                              blend=blend, style=style, jpeg_quality=jpeg_quality, shard_size=shard_size,
                              warp=warp).validate()
     except ValueError as error:
@@ -220,7 +266,8 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
                 distributor = stack.enter_context(DaskDistributor(scheduler, log=_say))
             manifest = run_build(config, spec, n, out_dir, seed=seed, workers=workers or default_workers(),
                                  overwrite=overwrite, manifests_dir=manifests_dir, log=_say,
-                                 show_progress=not no_progress, style=style_spec, distributor=distributor)
+                                 show_progress=not no_progress, style=style_spec, distributor=distributor,
+                                 work_dir=work_dir, break_lock=break_lock)
     except (BuildError, LockedError, ValueError, FileNotFoundError, LookupError) as error:
         _fail(error)
     except OSError as error:  # a read-only or full disk: the path and the cause, in one line
@@ -230,8 +277,9 @@ def build(segments, coco_root, coco_split, images, dino_weights, max_size, dino_
     click.echo(f"{manifest['n_samples']} pairs in {len(manifest['shards'])} shards at {out_dir} "
                f"({elapsed:.1f} s, {manifest['n_samples'] / max(elapsed, 1e-9):.1f} pairs/s overall)")
     click.echo(f"attempts: {manifest['n_attempted']}; rejected: {rejected}")
+    manifest_at = out_dir / "manifest.json" if isinstance(out_dir, Path) else f"{out_dir.rstrip('/')}/manifest.json"
     click.echo(f"config {config_hash(config)[:12]}  fingerprint {manifest['fingerprint'][:12]}  "
-               f"manifest {out_dir / 'manifest.json'}")
+               f"manifest {manifest_at}")
 
 
 class _DefaultCommandGroup(click.Group):
@@ -300,18 +348,23 @@ def segments_scan(segments, coco_root, coco_split, images, dino_weights, max_siz
                    f"(refinement IoU < 0.5)")
 
 
-@segments.command("eval", short_help="Max F-beta, IoU and pixel accuracy of a bank against ground-truth masks.")
+@segments.command("eval", short_help="Max F-beta, IoU and pixel accuracy of a bank against ground-truth masks "
+                                     "(TokenCut's protocol and ours).")
 @click.option("--pred", "bank_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Segment bank to score (e.g. of `datagen segments --source lost --images DATASET/images "
                    "--min-area 0`).")
 @click.option("--gt", "gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Folder of binary ground-truth masks (grey > 127 is the object), matched to the bank's images "
-                   "by file stem (ECSSD ground_truth_mask/, DUTS-TE-Mask/, DUT-OMRON pixelwiseGT-new-PNG/).")
+              help="Folder of ground-truth masks (the object: grey > 0 in the reference protocol, grey > 127 in "
+                   "ours), matched to the bank's images by file stem (ECSSD ground_truth_mask/, DUTS-TE-Mask/, "
+                   "DUT-OMRON pixelwiseGT-new-PNG/).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the scores, unmatched masks and problems to this JSON file.")
+              help="Also write the scores (per method and protocol), notes, unmatched masks and problems to this "
+                   "JSON file.")
 def segments_eval(bank_dir, gt_dir, json_path):
     """Unsupervised saliency scores of a bank (the paper's Table 4): max F-beta (beta^2 = 0.3), IoU and
-    pixel accuracy, for LOST alone and for LOST + bilateral solver."""
+    pixel accuracy, for LOST alone and for LOST + bilateral solver, under two protocols, labelled:
+    the reference (TokenCut's: the solver's soft output, empty prediction precision 1, GT > 0) and
+    ours (the bank's binary masks, GT > 127). The table's notes define both."""
     import json
 
     from datagen.segments.saliency_eval import evaluate
@@ -327,7 +380,7 @@ def segments_eval(bank_dir, gt_dir, json_path):
         _say(f"left out {name}: {reason}")
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
-    if not any(score.images for score in report.scores.values()):
+    if not report.images:
         _fail(ValueError(f"no ground-truth mask of {gt_dir} matches an image of {bank_dir}"))
     click.echo(report.table())
 

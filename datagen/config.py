@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 OBJECT_MODES = ("1", "2", "mix")
 BLEND_METHODS = ("poisson", "cv2", "paste")
 STYLE_METHODS = ("none", "color", "adain")
+DILATION_SHAPES = ("diamond", "disc")
+TWO_OBJECT_LAYOUTS = ("fixed", "cut")
 ONE_SEGMENT_SOURCES = ("lost",)
 """Sources that find one segment per image: a two-object pair needs two segments of one image, so
 their builds make one-object pairs only (``objects`` '1')."""
@@ -47,11 +49,23 @@ class WarpConfig:
     scale_decay: float = 10.0
     """Weights of those ratios are proportional to exp(-k / scale_decay), k = 0..steps-1."""
     two_object_scale_min: float = 0.5
-    """scale_min for two-object pairs (the released two-object generator uses 0.5)."""
+    """scale_min for two-object pairs (the released two-object generator's)."""
+    two_object_layout: str = "fixed"
+    """Where the two objects of a pair go in the target. 'fixed' (the released two-object
+    generator's): one of 16 fixed pairs of regions drawn uniformly, which object goes in which
+    region drawn too (:func:`datagen.synth.sampling.two_object_layouts`); 'cut': the target cut
+    in two along a random axis at U[0.35, 0.65] of its side."""
+    two_object_gap_px: int = 32
+    """Pixels between the two regions of a two-object pair where they meet ('fixed': each region
+    gives up half of it along the side it shares with the other; 'cut': centred on the cut). The
+    default is the released generator's: each region keeps one grid stride (16 px) from the side
+    it shares (its ``choice_bbox``), which reproduces all 16 of its boxes."""
     tps_prob: float = 0.5
     tps_grid_sizes: tuple = (4, 6)
-    tps_jitter: float = 0.5
-    """Control points of a g x g grid move by U[-tps_jitter/g, tps_jitter/g] of the image."""
+    tps_jitter: float = 0.25
+    """Control points of a g x g grid move by U[-tps_jitter/g, tps_jitter/g] of the image (x and
+    y independently). The default is the authors' ``tps_trans``: a (rand - 0.5) / g move on a
+    [-1, 1] grid, half of that in image units."""
 
     def scale_ratios(self, two_objects: bool = False) -> tuple[list[float], list[float]]:
         """(ratios, probabilities) of the object's size relative to its region."""
@@ -77,10 +91,16 @@ class BuildConfig:
     stride: int = 16
     """Correspondence grid stride in pixels: 480 / 16 = a 30 x 30 grid."""
     objects: str | None = None
-    """'1' one-object pairs, '2' two-object pairs, 'mix' half and half. None (the default) becomes
+    """'1' one-object pairs, '2' two-object pairs, 'mix' half and half: in every shard, sample
+    ``i`` has one object when ``i`` is even and two when it is odd (the authors train on two sets
+    of equal size; :func:`datagen.synth.sampling.objects_for_sample`). None (the default) becomes
     'mix', or '1' for a source of :data:`ONE_SEGMENT_SOURCES` (one segment per image)."""
     dilation_px: int = 20
     """The segment mask is dilated by this many pixels at the source's own resolution."""
+    dilation_shape: str = "diamond"
+    """Shape of that dilation: 'diamond' (the released generator's: ``dilation_px`` iterations of
+    a 3 x 3 cross, i.e. every pixel within L1 distance ``dilation_px``) or 'disc' (within
+    Euclidean distance ``dilation_px``)."""
     border_crop_prob: float = 0.2
     """Probability that the source is cropped so that the object touches its nearest border."""
     blend: str = "poisson"
@@ -94,7 +114,8 @@ class BuildConfig:
     style_batch: int = 8
     """Pairs stylised together (2 images each); fixed, so batches and bytes are reproducible."""
     min_mask_cells: float = 9.0
-    """Pairs whose soft grid mask sums to less than this in either image are rejected."""
+    """Pairs where an object's soft grid mask sums to less than this in either image are
+    rejected (each object of a two-object pair, as the released two-object generator does)."""
     max_tps_inverse_error: float = 0.01
     """Max error of the numerical TPS inverse, in grid cells, before the pair is rejected."""
     jpeg_quality: int = 75
@@ -134,6 +155,8 @@ class BuildConfig:
              f"image_size ({self.image_size}) must be a multiple of stride ({self.stride})"),
             (self.grid_size >= 4, f"image_size / stride must be at least 4, got {self.grid_size}"),
             (self.dilation_px >= 0, f"dilation_px must be >= 0, got {self.dilation_px}"),
+            (self.dilation_shape in DILATION_SHAPES,
+             f"dilation_shape must be one of {DILATION_SHAPES}, got {self.dilation_shape!r}"),
             (0 <= self.border_crop_prob <= 1, f"border_crop_prob must be in [0, 1], got {self.border_crop_prob}"),
             (1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}"),
             (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
@@ -141,6 +164,13 @@ class BuildConfig:
             (0 < self.warp.aspect_min <= self.warp.aspect_max, "warp.aspect_min must be in (0, aspect_max]"),
             (0 < self.warp.scale_min <= self.warp.scale_max <= 1, "warp scale ratios must be in (0, 1]"),
             (all(g >= 2 for g in self.warp.tps_grid_sizes), "warp.tps_grid_sizes must all be >= 2"),
+            (self.warp.tps_jitter >= 0, f"warp.tps_jitter must be >= 0, got {self.warp.tps_jitter}"),
+            (0 < self.warp.two_object_scale_min <= self.warp.scale_max,
+             "warp.two_object_scale_min must be in (0, scale_max]"),
+            (self.warp.two_object_layout in TWO_OBJECT_LAYOUTS,
+             f"warp.two_object_layout must be one of {TWO_OBJECT_LAYOUTS}, got {self.warp.two_object_layout!r}"),
+            (0 <= self.warp.two_object_gap_px <= self.image_size // 2,
+             f"warp.two_object_gap_px must be in [0, image_size / 2], got {self.warp.two_object_gap_px}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -12,6 +12,7 @@ import numpy as np
 from datagen.format.draw import PAIR_WIDTH, fit_width, render_contact_sheet, render_pair
 from datagen.format.schema import PairSample, SchemaError, decode_sample
 from datagen.format.shards import ShardError, iter_tar_samples
+from datagen.format.storage import location
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 HTML_JPEG_QUALITY = 85
@@ -41,7 +42,7 @@ def read_samples(shard_paths, n: int, problems: list | None = None) -> list[Pair
                 try:
                     samples.append(decode_sample(members))
                 except SchemaError as error:
-                    problems.append(f"{Path(path).name}: {error}")
+                    problems.append(f"{location(path).name}: {error}")
                     continue
                 if len(samples) >= n:
                     break
@@ -95,7 +96,7 @@ def write_preview(shard_paths, out_path, n: int = 16, seed: int = 0, fill: bool 
     if extension not in IMAGE_EXTENSIONS + HTML_EXTENSIONS:
         raise ValueError(f"preview {out_path}: extension must be one of "
                          f"{IMAGE_EXTENSIONS + HTML_EXTENSIONS}, got {extension or 'none'!r}")
-    shard_paths = [Path(p) for p in shard_paths]
+    shard_paths = [location(p) for p in shard_paths]
     samples = read_samples(shard_paths, n, problems)
     if not samples:
         raise ValueError(f"preview {out_path}: no samples in {[str(p) for p in shard_paths]}")

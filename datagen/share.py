@@ -22,7 +22,7 @@ from datagen.format.atomic import atomic_write, atomic_write_bytes
 from datagen.format.hashing import sha256_file
 from datagen.format.manifest import MANIFEST_NAME, fingerprint, load_manifest
 from datagen.format.shardset import ShardSet, resolve_shard_set
-from datagen.format.storage import WRITE_SCHEMES, check_scheme, copy_hashed, is_url, location
+from datagen.format.storage import Store, copy_hashed, is_url, location
 
 
 @dataclass
@@ -58,22 +58,13 @@ def _whole_set(spec) -> ShardSet:
     return found
 
 
-def _store(url: str):
-    """(fsspec filesystem, root path in it) of a writable URL."""
-    import fsspec
-
-    check_scheme(url, WRITE_SCHEMES)
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
-
-
 def publish(folder, url: str, catalog_dir="manifests", progress: bool = True) -> TransferReport:
     """Upload the set in local ``folder`` to ``url``; returns what was sent. Raises ValueError before
     uploading anything when a shard's bytes differ from its manifest entry."""
     if is_url(folder):
         raise ValueError(f"{folder}: publish uploads a local set; pull it first")
     found = _whole_set(folder)
-    fs, root = _store(url)
+    store = Store(url)
     names = set_files(found)
     source = Path(found.manifest_path).parent
     for entry in found.manifest["shards"]:
@@ -85,11 +76,7 @@ def publish(folder, url: str, catalog_dir="manifests", progress: bool = True) ->
     total = sum((source / name).stat().st_size for name in names)
     with tqdm(total=total, unit="B", unit_scale=True, desc="publish", disable=not progress, file=sys.stderr) as bar:
         for name in names:
-            local = source / name
-            fs.put_file(str(local), f"{root}/{name}")
-            size = local.stat().st_size
-            if fs.size(f"{root}/{name}") != size:
-                raise OSError(f"{url}/{name}: the store holds {fs.size(f'{root}/{name}')} bytes, sent {size}")
+            size = store.put(source / name, name)  # checks the size the store holds
             report.files += 1
             report.bytes += size
             bar.update(size)

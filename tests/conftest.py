@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from synthetic import SAMPLE
 
 from datagen.cli import main
 
@@ -97,3 +98,15 @@ def pytest_configure(config):
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def bank(tmp_path_factory):
+    """The segment bank of the embedded sample (read only)."""
+    from datagen.segments.bank import SegmentBank, write_bank
+    from datagen.segments.coco_source import CocoSource
+
+    directory = tmp_path_factory.mktemp("bank")
+    write_bank(CocoSource(SAMPLE / "annotations" / "instances_train2017.json", SAMPLE / "train2017").scan(),
+               directory)
+    return SegmentBank.load(directory)

@@ -97,7 +97,7 @@ def damaged_build(tmp_path_factory):
             assert image.mode == mode
     png16 = cv2.imread(str(root / "train2017" / files[71]), cv2.IMREAD_UNCHANGED)
     assert png16.dtype == np.uint16 and png16.shape[2] == 3
-    result = run_cli(build_args(out, n=N_PAIRS, shard_size=SHARD_SIZE, extra=["--coco-root", root]))
+    result = run_cli(build_args(out, n=N_PAIRS, shard_size=SHARD_SIZE, extra=["--coco-root", root, "--seed", "1"]))
     return root, out, files, result
 
 

@@ -371,6 +371,23 @@ def test_sample_parquet_has_one_row_per_attempt(reference):
     assert dict(rejected_total) == manifest["rejected"]
 
 
+def test_a_mixed_build_is_half_one_object_and_half_two_object_pairs_in_every_shard(reference):
+    """--objects mix (the default): sample i of a shard has one object when i is even, two when it
+    is odd, in the tar and in the per-attempt rows: shards of 5 hold 3 and 2, whatever share of
+    the attempts of each kind was rejected."""
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["config"]["objects"] == "mix"
+    counts = Counter()
+    for entry in manifest["shards"]:
+        samples = list(iter_samples(reference / entry["name"]))
+        objects = [len(sample.meta["objects"]) for sample in samples]
+        assert objects == [1 + i % 2 for i in range(REFERENCE_SHARD_SIZE)], entry["name"]
+        rows = [row for row in read_sample_rows(reference / entry["samples_file"]) if row["status"] == "accepted"]
+        assert [row["objects"] for row in rows] == objects
+        counts.update(objects)
+    assert counts == {1: REFERENCE_SHARDS * 3, 2: REFERENCE_SHARDS * 2}
+
+
 # -- verify ------------------------------------------------------------------------------------
 
 def test_verify_passes_on_a_fresh_build_and_prints_the_fingerprint_of_the_bytes(reference):

@@ -129,7 +129,9 @@ def test_a_shard_whose_every_attempt_fails_says_why_in_words(tmp_path):
 CONFIG_FIELDS = {"segments": "segments", "min_area": "min_area", "image_size": "image_size", "stride": "stride",
                  "objects": "objects", "dilation": "dilation_px", "border_crop_prob": "border_crop_prob",
                  "blend": "blend", "style": "style", "jpeg_quality": "jpeg_quality", "shard_size": "shard_size",
-                 "rotation": "warp.rotation_deg", "aspect_min": "warp.aspect_min", "tps_prob": "warp.tps_prob"}
+                 "rotation": "warp.rotation_deg", "aspect_min": "warp.aspect_min", "tps_prob": "warp.tps_prob",
+                 "dilation_shape": "dilation_shape", "tps_jitter": "warp.tps_jitter",
+                 "two_object_layout": "warp.two_object_layout", "two_object_gap": "warp.two_object_gap_px"}
 """Option of ``datagen build`` / ``datagen segments scan`` -> the BuildConfig field it sets."""
 
 
@@ -151,7 +153,7 @@ def typed_defaults() -> dict:
 
 
 RUN_OPTIONS = {"n": None, "out_dir": None, "seed": 0, "overwrite": False, "no_progress": False,
-               "workers": None, "scheduler": None, "manifests_dir": None}
+               "workers": None, "scheduler": None, "manifests_dir": None, "work_dir": None, "break_lock": False}
 """Options of how and where a build runs, with the library's default (``build()``'s; None: the
 command's own). ``--workers`` (all cores) and ``--manifests-dir`` (a copy in ./manifests) are the
 command's only: the bytes do not depend on either, and a library call starts no processes and

@@ -226,3 +226,67 @@ def test_shape_mismatches_raise_clear_errors():
         step_loss(pos_src, pos_tgt, neg_src, None, batch)
     with pytest.raises(ValueError, match="batch sizes"):
         step_loss(pos_src, pos_tgt, neg_src, neg_tgt[:1], batch)
+
+
+# --- Ablations of the paper's Table 3: the mask and transported-mask terms switched off ---------
+
+OWN_TERMS = [(0.9, 1), (0.2, 0), (0.6, 0.5), (0.1, 0), (0.3, 0), (0.8, 1), (0.7, 1), (0.4, 0.25)]
+"""The hand case's own-mask BCE elements: source then target predicted mask vs ground truth."""
+TRANSPORTED_TERMS = [(0.8, 1), (0.3, 0), (0.7, 0.5), (0.4, 0), (0.6, 0), (0.9, 1), (0.2, 1), (0.1, 0.25)]
+"""Its transported-mask elements (SRC_VIEW, TGT_VIEW against the ground truths)."""
+NEG_TERMS = [(p, 0) for p in (0.1, 0.6, 0.2, 0.3, 0.7, 0.8, 0.1, 0.2)]
+
+
+def _mean_bce(terms):
+    return sum(_bce(p, t) for p, t in terms) / len(terms)
+
+
+@pytest.mark.parametrize("mask_loss, transported, kept", [
+    (True, True, OWN_TERMS + TRANSPORTED_TERMS),
+    (False, True, TRANSPORTED_TERMS),
+    (True, False, OWN_TERMS),
+])
+def test_pair_loss_without_a_mask_term_is_the_sum_of_the_remaining_terms(mask_loss, transported, kept):
+    src_out, tgt_out, batch = _hand_case()
+    out = pair_loss(src_out, tgt_out, batch.src_mask, batch.tgt_mask, batch.src_to_tgt, batch.tgt_to_src, eta=8.0,
+                    mask_loss=mask_loss, transported_mask_loss=transported)
+    assert out["mask_bce"].item() == pytest.approx(_mean_bce(kept), rel=1e-12)
+    assert out["corr_l1"].item() == pytest.approx(HAND_CORR, rel=1e-12)
+    assert out["loss"].item() == pytest.approx(_mean_bce(kept) + 8.0 * HAND_CORR, rel=1e-12)
+
+
+@pytest.mark.parametrize("mask_loss, transported, kept", [
+    (False, True, TRANSPORTED_TERMS + NEG_TERMS),
+    (True, False, OWN_TERMS + NEG_TERMS),
+    (False, False, NEG_TERMS),
+])
+def test_step_loss_ablations_keep_the_negatives_and_the_correspondence_term(mask_loss, transported, kept):
+    src_out, tgt_out, batch = _hand_case()
+    neg_src = _out([[0.1, 0.6], [0.2, 0.3]], SRC_PRED_XY)
+    neg_tgt = _out([[0.7, 0.8], [0.1, 0.2]], TGT_PRED_XY)
+    out = step_loss(src_out, tgt_out, neg_src, neg_tgt, batch, eta=8.0, mask_loss=mask_loss,
+                    transported_mask_loss=transported)
+    assert out["mask_bce"] == pytest.approx(_mean_bce(kept), rel=1e-12)  # one mean over the elements kept
+    assert out["loss"].item() == pytest.approx(_mean_bce(kept) + 8.0 * HAND_CORR, rel=1e-12)
+
+
+def test_with_no_mask_term_left_the_loss_is_the_correspondence_term_and_still_differentiable():
+    src_out, tgt_out, batch = _hand_case()
+    src_out.requires_grad_(True)
+    out = step_loss(src_out, tgt_out, None, None, batch, eta=8.0, mask_loss=False, transported_mask_loss=False)
+    assert out["mask_bce"] == 0.0
+    assert out["loss"].item() == pytest.approx(8.0 * HAND_CORR, rel=1e-12)
+    out["loss"].backward()
+    assert src_out.grad[0, 2].abs().sum() == 0  # nothing supervises the source mask any more
+    assert src_out.grad[0, :2].abs().sum() > 0
+
+
+def test_without_the_transported_term_correspondences_outside_mask_cells_get_no_gradient():
+    """The transported term is what supervises correspondences outside the mask cells (through
+    the other image's mask read there): with it off, only the L1 over mask cells reaches them."""
+    (pos_src, pos_tgt, _, _), batch = _random_step(b=1)
+    pos_src.requires_grad_(True)
+    pair_loss(pos_src, pos_tgt, batch.src_mask, batch.tgt_mask, batch.src_to_tgt, batch.tgt_to_src,
+              transported_mask_loss=False)["loss"].backward()
+    outside = ~mask_cells(batch.src_mask)[0, 0]
+    assert pos_src.grad[0, :2][:, outside].abs().sum() == 0  # compare the test with the term on, above

@@ -23,6 +23,7 @@ from datagen.segments import get_source, source_inputs
 from datagen.segments.bank import ImageRow, SegmentBank, SegmentRow, Skipped, write_bank
 from datagen.segments.dino import DINO_ENV, DINO_FILE, DinoWeightsError
 from datagen.segments.lost_source import CATEGORY, LostConfig, LostSource, folder_fingerprint, image_files, working_size
+from datagen.segments.refine import decode_soft, encode_soft
 from datagen.synth.sampling import Sampler
 
 MAX_SIZE = 96
@@ -171,6 +172,8 @@ def test_scan_yields_images_segments_and_skips(images, weights):
             np.testing.assert_array_equal(mask, coarse)
         else:  # IoU at full resolution, close to the one measured at the working size
             assert iou == pytest.approx(segment.refine_iou, abs=0.05)
+        soft = decode_soft(segment.soft_png)  # the solver's output, at the size the solver ran at
+        assert soft.shape[::-1] == working_size(row.width, row.height, MAX_SIZE) and soft.dtype == np.uint8
 
 
 def test_min_area_skips_small_segments_but_keeps_their_images(images, weights):
@@ -193,6 +196,50 @@ def test_banks_without_the_coarse_column_still_load(tmp_path):
     table = pq.read_table(tmp_path / "segments.parquet")
     pq.write_table(table.drop(["coarse_rle"]), tmp_path / "segments.parquet")  # a bank of before the column
     assert SegmentBank.load(tmp_path).row(0).coarse_rle is None
+
+
+def soft_row(image_id: int, soft_png: bytes | None) -> SegmentRow:
+    rle = mask_utils.encode(np.asfortranarray(np.ones((4, 4), np.uint8)))["counts"].decode()
+    return SegmentRow(source="lost", image_id=image_id, image_path=f"{image_id}.jpg", image_width=4, image_height=4,
+                      segment_id=image_id, category_id=image_id, category="object", bbox=(0.0, 0.0, 4.0, 4.0),
+                      area=16.0, rle=rle, score=0.5, refine_iou=0.75, coarse_rle=rle, soft_png=soft_png)
+
+
+def test_rows_without_soft_outputs_write_the_bytes_of_before_the_column(tmp_path):
+    """COCO's banks (and any source that keeps no soft output) do not change: segments.parquet is
+    written with the schema of before ``soft_png`` existed, byte for byte."""
+    from datagen.segments.bank import SEGMENT_SCHEMA
+
+    rows = [soft_row(i, None) for i in (1, 2, 3)]
+    write_bank(rows, tmp_path / "bank")
+    before = SEGMENT_SCHEMA.remove(SEGMENT_SCHEMA.get_field_index("soft_png"))
+    with pq.ParquetWriter(tmp_path / "before.parquet", before, compression="zstd") as writer:
+        writer.write_table(pa.table({name: [getattr(row, name) for row in rows] for name in before.names},
+                                    schema=before))
+    assert (tmp_path / "bank" / "segments.parquet").read_bytes() == (tmp_path / "before.parquet").read_bytes()
+    write_bank([], tmp_path / "empty")
+    assert "soft_png" not in pq.read_schema(tmp_path / "empty" / "segments.parquet").names
+
+
+def test_soft_outputs_are_stored_but_never_loaded_with_the_bank(tmp_path, monkeypatch):
+    import datagen.segments.bank as bank_module
+
+    monkeypatch.setattr(bank_module, "_ROW_GROUP_BYTES", 200)  # a row group per few rows
+    softs = {i: encode_soft(np.full((3, 5), i / 10)) for i in range(1, 9)}
+    write_bank([soft_row(i, data) for i, data in softs.items()], tmp_path)
+    stored = pq.read_table(tmp_path / "segments.parquet", columns=["image_id", "soft_png"]).to_pylist()
+    assert {row["image_id"]: row["soft_png"] for row in stored} == softs
+    assert pq.ParquetFile(tmp_path / "segments.parquet").metadata.num_row_groups > 1
+    bank = SegmentBank.load(tmp_path)
+    assert "soft_png" not in bank._segments.column_names and bank.row(0).soft_png is None
+
+
+def test_a_soft_output_after_a_first_row_group_without_any_is_an_error(tmp_path, monkeypatch):
+    import datagen.segments.bank as bank_module
+
+    monkeypatch.setattr(bank_module, "_ROW_GROUP_ROWS", 2)
+    with pytest.raises(ValueError, match="soft_png"):
+        write_bank([soft_row(1, None), soft_row(2, None), soft_row(3, encode_soft(np.zeros((2, 2))))], tmp_path)
 
 
 def test_a_category_per_segment_leaves_every_other_image_as_a_background(tmp_path):

@@ -6,22 +6,12 @@ import numpy as np
 import pytest
 
 from datagen.config import BuildConfig, WarpConfig
-from datagen.format.grids import recompute_grids
+from datagen.format.grids import grids_from_warps, recompute_grids
 from datagen.format.warps import SegmentWarp, grid_centres
-from datagen.segments.bank import SegmentBank, write_bank
-from datagen.segments.coco_source import CocoSource
 from datagen.synth.pairs import PairBuilder, Rejected, border_crop_box, dilate, resize_mask
-from datagen.synth.sampling import Sampler, attempt_rng
+from datagen.synth.sampling import Sampler, attempt_rng, two_object_layouts
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datagen" / "sample_data" / "coco"
-
-
-@pytest.fixture(scope="module")
-def bank(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("bank")
-    write_bank(CocoSource(SAMPLE / "annotations" / "instances_train2017.json", SAMPLE / "train2017").scan(),
-               directory)
-    return SegmentBank.load(directory)
 
 
 def build_pairs(bank, config, count, objects=1, seed=0):
@@ -144,7 +134,9 @@ def test_one_object_background_lacks_the_segment_category(bank):
 
 
 def test_two_object_pairs_use_two_categories_in_disjoint_regions(bank):
+    layouts = {frozenset(pair) for pair in two_object_layouts(480, WarpConfig().two_object_gap_px)}
     for sample in build_pairs(bank, BuildConfig(objects="2"), 5, objects=2):
+        assert frozenset(tuple(obj["region"]) for obj in sample.meta["objects"]) in layouts
         first, second = sample.meta["objects"]
         assert first["category_id"] != second["category_id"]
         assert set(np.unique(sample.tgt_mask)) == {0, 1, 2}
@@ -152,6 +144,68 @@ def test_two_object_pairs_use_two_categories_in_disjoint_regions(bank):
         assert not touching.any()
         a, b = first["region"], second["region"]
         assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def object_grids(sample):
+    """Each object's grid fields, gridded alone from the sample's stored warps."""
+    warps = [SegmentWarp.from_json(obj["warp"]) for obj in sample.meta["objects"]]
+    return [grids_from_warps([warp], (sample.src_mask == k + 1).astype(np.uint8), (30, 30), (480, 480))
+            for k, warp in enumerate(warps)]
+
+
+def test_two_object_pairs_pass_the_released_checks_per_object(bank):
+    """Each object covers at least 9 cells in both images, the two objects share no cell in
+    either image, and the stored fields are those of all the warps gridded together."""
+    for sample in build_pairs(bank, BuildConfig(objects="2"), 8, objects=2):
+        first, second = object_grids(sample)
+        for side in ("src", "tgt"):
+            a, b = first[f"{side}_grid_mask"], second[f"{side}_grid_mask"]
+            assert a.sum() >= 9 and b.sum() >= 9
+            assert not np.any((a > 0) & (b > 0))
+        together = recompute_grids(sample)
+        for name in ("src_to_tgt", "tgt_to_src", "src_grid_mask", "tgt_grid_mask"):
+            assert np.array_equal(together[name], getattr(sample, name)), name
+
+
+def square_object(src_mask, box, object_id):
+    x0, y0, x1, y1 = box
+    src_mask[y0:y1, x0:x1] = object_id
+
+
+def test_two_objects_whose_grid_masks_share_a_cell_are_rejected(bank):
+    """Two squares 5 px apart in one 16 px cell column (the identity warp keeps them there): the
+    released generator drops such a pair; 40 px apart they are kept, and the fields are those
+    of grids_from_warps on both warps."""
+    builder = PairBuilder(bank, SAMPLE / "train2017", BuildConfig())
+    identity = SegmentWarp(np.eye(3), (480, 480))
+    close = np.zeros((480, 480), np.uint8)
+    square_object(close, (100, 100, 200, 200), 1)
+    square_object(close, (205, 100, 300, 200), 2)
+    with pytest.raises(Rejected) as info:
+        builder._grids([identity, identity], close)
+    assert info.value.reason == "masks_share_cell" and "src grid masks share" in info.value.detail
+
+    apart = np.zeros((480, 480), np.uint8)
+    square_object(apart, (100, 100, 200, 200), 1)
+    square_object(apart, (240, 100, 340, 200), 2)
+    grids = builder._grids([identity, identity], apart)
+    expected = grids_from_warps([identity, identity], apart, (30, 30), (480, 480))
+    for name in ("src_to_tgt", "tgt_to_src", "src_grid_mask", "tgt_grid_mask"):
+        assert np.array_equal(grids[name], expected[name]), name
+
+
+def test_each_object_needs_nine_cells_in_both_images(bank):
+    """A large object and one of 2 x 2 cells: 103 cells in all, but the small object is too small."""
+    builder = PairBuilder(bank, SAMPLE / "train2017", BuildConfig())
+    identity = SegmentWarp(np.eye(3), (480, 480))
+    src_mask = np.zeros((480, 480), np.uint8)
+    square_object(src_mask, (0, 0, 160, 160), 1)
+    square_object(src_mask, (320, 320, 352, 352), 2)
+    with pytest.raises(Rejected) as info:
+        builder._grids([identity, identity], src_mask)
+    assert info.value.reason == "small_mask" and info.value.detail.startswith("object 2's src grid mask covers 4.0")
+    square_object(src_mask, (320, 320, 368, 368), 2)  # 3 x 3 cells: kept
+    assert builder._grids([identity, identity], src_mask)["src_grid_mask"].sum() == 100 + 9
 
 
 def test_sampled_warps_follow_the_paper_ranges(bank):
@@ -168,13 +222,84 @@ def test_sampled_warps_follow_the_paper_ranges(bank):
     assert 0.4 < np.mean(tps > 0) < 0.6 and set(tps) == {0, 4, 6}
 
 
-def test_dilation_grows_a_mask_by_the_radius():
+def test_the_default_dilation_is_a_diamond_of_l1_radius_20():
+    """A pixel grows into every pixel within L1 distance 20 (the result of 20 iterations of a
+    3 x 3 cross), nothing else."""
+    assert BuildConfig().dilation_px == 20 and BuildConfig().dilation_shape == "diamond"
     mask = np.zeros((100, 100), np.uint8)
     mask[50, 50] = 1
     grown = dilate(mask, 20)
+    ys, xs = np.mgrid[:100, :100]
+    assert np.array_equal(grown, (np.abs(xs - 50) + np.abs(ys - 50) <= 20).astype(np.uint8))
+
+
+def random_mask(rng, shape):
+    """A (H, W) 0/1 uint8 mask of a few ellipses and thin lines, some cut by the image border."""
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(int(rng.integers(1, 5))):
+        centre = (int(rng.integers(-20, shape[1] + 20)), int(rng.integers(-20, shape[0] + 20)))
+        axes = (int(rng.integers(1, 60)), int(rng.integers(1, 60)))
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    for _ in range(int(rng.integers(0, 3))):
+        ends = rng.integers(0, min(shape), size=4).tolist()
+        cv2.line(mask, tuple(ends[:2]), tuple(ends[2:]), 1, 1)
+    return mask
+
+
+@pytest.mark.parametrize("radius", [1, 2, 7, 20])
+def test_diamond_dilation_equals_the_released_iterated_cross(radius):
+    """The released generator's scipy.ndimage.binary_dilation (a 3 x 3 cross, ``radius``
+    iterations), and cv2.dilate with the same cross and iterations, on masks cut by the border."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(radius)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    for shape in ((120, 160), (97, 61), (200, 200)):
+        mask = random_mask(rng, shape)
+        grown = dilate(mask, radius)
+        assert grown.dtype == np.uint8
+        assert np.array_equal(grown, ndimage.binary_dilation(mask.astype(bool), iterations=radius).astype(np.uint8))
+        iterated = cv2.dilate(mask, cross, iterations=radius, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        assert np.array_equal(grown, iterated)
+
+
+def test_dilation_by_zero_changes_nothing():
+    mask = random_mask(np.random.default_rng(0), (50, 70))
+    assert np.array_equal(dilate(mask, 0), mask) and np.array_equal(dilate(mask, 0, "disc"), mask)
+
+
+def test_disc_dilation_is_kept_as_an_option():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[50, 50] = 1
+    grown = dilate(mask, 20, "disc")
     ys, xs = np.nonzero(grown)
     assert xs.min() == 30 and xs.max() == 70 and ys.min() == 30 and ys.max() == 70
     assert grown[50 + 14, 50 + 14] == 1 and grown[50 + 15, 50 + 15] == 0  # a disc, not a square
+    with pytest.raises(ValueError, match="dilation shape"):
+        dilate(mask, 3, "square")
+    with pytest.raises(ValueError, match="dilation_shape"):
+        BuildConfig(dilation_shape="square").validate()
+
+
+def test_the_builder_dilates_source_masks_as_the_released_generator(bank):
+    """The builder's masks, at the source's resolution, are scipy's 20 iterations of the cross
+    (the released call); with dilation_shape 'disc' they are not."""
+    from scipy import ndimage
+
+    sampler = Sampler(bank, BuildConfig())
+    for attempt in range(6):
+        plan = sampler.plan(attempt_rng(0, 0, attempt), 1 + attempt % 2)
+        try:
+            masks = PairBuilder(bank, SAMPLE / "train2017", BuildConfig())._dilated_masks(plan)
+        except Rejected:
+            continue
+        for obj, mask in zip(plan.objects, masks):
+            raw = bank.mask(obj.segment_row).astype(bool)
+            assert np.array_equal(mask, ndimage.binary_dilation(raw, iterations=20).astype(np.uint8))
+    disc = PairBuilder(bank, SAMPLE / "train2017", BuildConfig(dilation_shape="disc"))
+    plan = sampler.plan(attempt_rng(0, 0, 0), 1)
+    raw = bank.mask(plan.objects[0].segment_row).astype(bool)
+    assert not np.array_equal(disc._dilated_masks(plan)[0], ndimage.binary_dilation(raw, iterations=20))
 
 
 def test_border_crop_makes_the_object_touch_its_nearest_border():

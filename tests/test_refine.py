@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 from datagen.segments.bilateral import SolverConfig
-from datagen.segments.refine import MIN_IOU, keep_overlapping, mask_iou, postprocess, refine_mask, upsample_patches
+from datagen.segments.refine import (
+    MIN_IOU,
+    decode_soft,
+    encode_soft,
+    keep_overlapping,
+    mask_iou,
+    postprocess,
+    refine_mask,
+    soft_levels,
+    upsample_patches,
+)
 
 
 def returns(output: np.ndarray):
@@ -94,6 +104,34 @@ def test_fallback_to_the_coarse_mask_when_the_refinement_disagrees_is_recorded()
     np.testing.assert_array_equal(result.refined, solved > 0.5)
     empty = refine_mask(np.zeros((64, 64, 3), np.uint8), coarse, solve=returns(np.zeros((64, 64))))
     assert empty.fallback and empty.iou == 0.0 and np.array_equal(empty.mask, coarse)
+
+
+def test_the_solvers_output_is_kept_before_any_threshold_fallback_or_not():
+    coarse = np.zeros((64, 64), bool)
+    coarse[16:48, 16:48] = True
+    for solved in (np.where(coarse, 0.75, 0.125), np.zeros((64, 64))):  # refined, then fallback
+        result = refine_mask(np.zeros((64, 64, 3), np.uint8), coarse, solve=returns(solved))
+        assert result.solved.dtype == np.float32
+        np.testing.assert_array_equal(result.solved, solved.astype(np.float32))
+    assert result.fallback
+
+
+def test_a_stored_soft_output_keeps_every_threshold_k_over_255():
+    """Levels ceil(255 s): ``level > k`` exactly when ``s > k / 255``, for k = 0..254, including
+    values just above a threshold (rounding would put them on it) and values outside [0, 1]."""
+    rng = np.random.default_rng(0)
+    solved = rng.random((40, 60)).astype(np.float32) * 1.2 - 0.1
+    k = np.arange(255)
+    solved[0, :51] = (k[::5] / 255 + 1e-6).astype(np.float32)  # just above thresholds
+    solved[1, :3] = [0.0, 1.0, 0.5]
+    levels = decode_soft(encode_soft(solved))
+    assert levels.dtype == np.uint8 and levels.shape == solved.shape
+    np.testing.assert_array_equal(levels, soft_levels(solved))
+    for threshold in range(255):
+        np.testing.assert_array_equal(levels > threshold, solved > threshold / 255)
+    assert levels[1, :3].tolist() == [0, 255, 128]
+    with pytest.raises(ValueError, match="8-bit grey PNG"):
+        decode_soft(b"not a png")
 
 
 def test_the_real_solver_snaps_a_blocky_mask_to_the_object_edges():

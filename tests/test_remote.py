@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import itertools
 import json
 import shutil
 import tarfile
@@ -23,6 +22,8 @@ from datagen.verify import verify_dir
 from trainer.cli import main as trainer_main
 from trainer.config import TrainConfig
 from trainer.data import make_loader
+
+pytest_plugins = ["s3_helpers"]  # the fixtures s3 and s3_endpoint (moto's S3 server)
 
 SERVED: dict[str, int] = {}
 """Bytes the test server sent, by request path."""
@@ -188,36 +189,6 @@ def test_the_set_reads_the_same_over_http_as_on_disk(served, reference):
 
 # -- S3 (moto's server on loopback) ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on loopback for this module, with a bucket; its URL."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture()
-def s3(s3_endpoint, monkeypatch):
-    """A fresh bucket on the moto server, the AWS_* environment pointing at it; yields its s3:// URL."""
-    import s3fs
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", s3_endpoint)):
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"bucket-{next(_BUCKETS)}"
-    s3fs.S3FileSystem().mkdir(bucket)
-    yield f"s3://{bucket}"
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-_BUCKETS = itertools.count()
-
-
 def test_publish_verify_pull_and_train_through_s3(reference, s3, tmp_path):
     url = f"{s3}/sets/reference"
     result = make_runner().invoke(datagen_main, ["publish", str(reference), url, "--catalog", str(tmp_path / "cat"),
@@ -283,3 +254,27 @@ def test_publishing_to_http_is_refused(reference, tmp_path):
     result = make_runner().invoke(datagen_main, ["publish", str(reference), "http://127.0.0.1:1/x", "--no-progress",
                                                  "--catalog", str(tmp_path / "cat")])
     assert result.exit_code == 1 and "http:// scheme is not supported" in all_output(result)
+
+
+def test_preview_draws_a_set_by_url(served, tmp_path):
+    _, url = served
+    page = tmp_path / "page.html"
+    result = make_runner().invoke(datagen_main, ["preview", url, "--out", str(page), "-n", "3"])
+    assert result.exit_code == 0, all_output(result)
+    assert page.read_text().count("<img") >= 3
+
+
+@pytest.mark.slow
+def test_trainer_fit_streams_a_published_set_from_s3(reference, s3, tmp_path):
+    from test_trainer_cli import TINY
+
+    url = f"{s3}/fit"
+    make_runner().invoke(datagen_main, ["publish", str(reference), url, "--catalog", str(tmp_path / "cat"),
+                                        "--no-progress"])
+    run = tmp_path / "run"
+    result = make_runner().invoke(trainer_main, ["fit", "--shards", url, "--out", str(run), "--steps", "2", *TINY])
+    assert result.exit_code == 0, all_output(result)
+    record = json.loads((run / "run.json").read_text())
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert record["dataset_fingerprint"] == manifest["fingerprint"] and record["shards"] == url
+    assert (run / "checkpoint.pt").is_file()

@@ -66,14 +66,15 @@ def test_bad_fit_options_are_refused_before_any_slow_work(reference, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_fit_writes_run_json_with_the_resolved_milestone_and_warns_once(reference, tmp_path):
+def test_fit_writes_run_json_with_no_milestone_by_default_and_warns_once(reference, tmp_path):
     run = tmp_path / "run"
     result = trainer_cli("fit", "--shards", reference, "--out", run, "--steps", "2", *TINY)
     assert result.exit_code == 0, all_output(result)
     assert result.stderr.count("not pre-trained") == 1, result.stderr
     assert "UserWarning" not in all_output(result)
     record = json.loads((run / "run.json").read_text())
-    assert record["config"]["milestone"] == 1 and record["config"]["image_size"] == 64
+    assert record["config"]["milestone"] is None and record["config"]["image_size"] == 64  # no decay
+    assert record["config"]["tps_prob"] == 0.5 and record["config"]["tps_grid_sizes"] == [4, 6]
     assert record["backbone"]["source"] == "random"
     assert record["dataset_fingerprint"] == json.loads((reference / "manifest.json").read_text())["fingerprint"]
     assert record["shards_checked"] is True  # the fingerprint it records stands for bytes it checked
@@ -132,6 +133,27 @@ def test_the_cpu_preset_sets_defaults_and_given_options_win(reference, tmp_path,
     assert (seen["config"].image_size, seen["config"].steps, seen["config"].lr) == (96, 7, 1e-3)
     assert trainer_cli(*base).exit_code == 0
     assert seen["config"] == TrainConfig(transformer=TransformerConfig())
+
+
+def test_schedule_tps_and_ablation_options_reach_the_config(reference, tmp_path, monkeypatch):
+    seen = captured_fit(monkeypatch)
+    base = ["fit", "--shards", reference, "--out", tmp_path / "run", "--backbone-weights", "random", "--no-progress"]
+    assert trainer_cli(*base).exit_code == 0
+    config = seen["config"]
+    assert (config.milestone, config.tps_prob, config.tps_jitter, config.tps_grid_sizes) == (None, 0.5, 0.25, (4, 6))
+    assert config.mask_loss and config.transported_mask_loss
+    result = trainer_cli(*base, "--milestone", "100000", "--lr-decay", "0.1", "--train-tps-prob", "0",
+                         "--train-tps-jitter", "0.5", "--train-tps-grid-sizes", "3,5", "--no-mask-loss",
+                         "--no-transported-mask-loss", "--eta", "0")
+    assert result.exit_code == 0, all_output(result)
+    config = seen["config"]
+    assert (config.milestone, config.lr_decay, config.tps_prob, config.tps_jitter, config.tps_grid_sizes) == \
+        (100_000, 0.1, 0.0, 0.5, (3, 5))
+    assert (config.mask_loss, config.transported_mask_loss, config.eta) == (False, False, 0.0)
+    for bad, name in ((["--train-tps-prob", "2"], "--train-tps-prob"),
+                      (["--train-tps-grid-sizes", "1,4"], "grid-sizes")):
+        result = trainer_cli(*base, *bad)
+        assert result.exit_code == 2 and name in all_output(result), all_output(result)
 
 
 def test_the_initial_network_depends_only_on_the_config(reference, tmp_path):

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from datagen.format.grids import recompute_grids
 from datagen.format.shards import shard_name
@@ -63,6 +64,22 @@ def test_another_network_grid_is_recomputed_from_the_stored_warps(reference):
 def small_stream(shards, **overrides):
     config = TrainConfig(**{"positives": 2, "image_size": 96, "shuffle_buffer": 4, **overrides})
     return PairStream(shard_urls(shards), config)
+
+
+def test_the_train_time_tps_changes_only_the_targets_and_is_reproducible(reference):
+    """The TPS draws from a generator of its own (seeded per worker and rank like the stream's):
+    with it on, the stream gives the same pairs in the same order with the same sources, and the
+    same seed gives the same warped targets."""
+    def first_batches(**overrides):
+        batches = iter(small_stream(reference, **overrides))
+        return [next(batches) for _ in range(6)]
+
+    off, on, again = first_batches(tps_prob=0.0), first_batches(tps_prob=1.0), first_batches(tps_prob=1.0)
+    assert [b["keys"] for b in off] == [b["keys"] for b in on]
+    assert all(torch.equal(a["src_image"], b["src_image"]) for a, b in zip(off, on))
+    assert all(not torch.equal(a["tgt_image"][k], b["tgt_image"][k]) for a, b in zip(off, on) for k in range(2))
+    for name in ("tgt_image", "tgt_mask", "src_mask", "src_to_tgt", "tgt_to_src", "tgt_hide"):
+        assert all(torch.equal(a[name], b[name]) for a, b in zip(on, again)), name
 
 
 def test_each_epoch_visits_the_shards_in_a_new_order(reference):

@@ -1,4 +1,5 @@
 """The training loop on shards built from the embedded sample, in a small CPU configuration."""
+import json
 import os
 import pickle
 import signal
@@ -6,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from datagen.format.hashing import config_hash
 from trainer.config import TrainConfig, TransformerConfig
 from trainer.data import make_loader
 from trainer.loop import FitOptions, ResumeError, Trainer, load_checkpoint, lr_factor, negative_pairs
@@ -39,12 +41,65 @@ def test_negatives_pair_each_source_with_another_target():
     assert len(set(zip(src.tolist(), tgt.tolist()))) == 15
 
 
-def test_learning_rate_warms_up_then_drops_at_the_milestone():
-    config = TrainConfig(warmup_steps=1000, steps=200_000)
+def test_learning_rate_warms_up_then_stays_constant_by_default():
+    """The paper: 200k steps at 2e-4 after the warm-up, no decay within them."""
+    config = TrainConfig()
+    assert (config.steps, config.lr, config.milestone) == (200_000, 2e-4, None)
     assert lr_factor(0, config) == pytest.approx(1 / 1000)
     assert lr_factor(499, config) == pytest.approx(0.5)
-    assert lr_factor(5000, config) == 1.0
+    assert all(lr_factor(step, config) == 1.0 for step in (999, 5000, 100_000, 199_999))
+
+
+def test_learning_rate_drops_from_a_given_milestone():
+    config = TrainConfig(warmup_steps=1000, steps=200_000, milestone=100_000)
+    assert lr_factor(99_999, config) == 1.0
     assert lr_factor(100_000, config) == pytest.approx(0.05)
+    assert lr_factor(150_000, TrainConfig(milestone=100_000, lr_decay=0.1)) == pytest.approx(0.1)
+
+
+def test_configs_from_before_the_train_time_tps_read_as_they_trained():
+    """A stored config without ``tps_prob`` trained without the TPS and with the old default
+    schedule (decay at half of its steps); today's configs round-trip as they are."""
+    old = {k: v for k, v in TrainConfig().to_dict().items()
+           if k not in ("tps_prob", "tps_jitter", "tps_grid_sizes", "mask_loss", "transported_mask_loss")}
+    read = TrainConfig.from_dict({**old, "steps": 5000})
+    assert (read.tps_prob, read.milestone, read.steps) == (0.0, 2500, 5000)
+    assert TrainConfig.from_dict({**old, "milestone": 7}).milestone == 7
+    new = TrainConfig(tps_grid_sizes=(3, 5), milestone=9, mask_loss=False)
+    stored = json.loads(json.dumps(new.to_dict()))  # as in run.json and checkpoints: lists
+    assert TrainConfig.from_dict(stored) == new
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_the_new_options_are_hashed_into_the_run_config():
+    base = config_hash(TrainConfig())
+    for change in ({"tps_prob": 0.0}, {"tps_jitter": 0.5}, {"tps_grid_sizes": (4,)}, {"mask_loss": False},
+                   {"transported_mask_loss": False}, {"milestone": 100_000}):
+        assert config_hash(TrainConfig(**change)) != base, change
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tps_prob": 1.5}, "tps-prob"), ({"tps_jitter": -0.1}, "tps-jitter"), ({"tps_grid_sizes": (1, 4)}, "grid-sizes"),
+    ({"milestone": 0}, "milestone"), ({"lr_decay": 0.0}, "lr-decay"),
+])
+def test_bad_new_options_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change).validate()
+
+
+def test_same_seed_same_weights_and_metrics_with_the_train_time_tps(reference, tmp_path):
+    """Byte-reproducible: the TPS draws come from the stream's seeded generator, so two runs of
+    one config (every target warped) end with identical weights and metrics."""
+    config = TrainConfig(**{**SMALL.__dict__, "steps": 3, "tps_prob": 1.0, "image_size": 64})
+    runs = []
+    for name in ("a", "b"):
+        trainer = make_trainer(reference, tmp_path / name, config=config, log_every=1)
+        trainer.fit()
+        runs.append((trainer.model.state_dict(), (tmp_path / name / "metrics.csv").read_text()))
+    (first, metrics_a), (second, metrics_b) = runs
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    strip = lambda text: [line.rsplit(",", 2)[0] for line in text.splitlines()]  # noqa: E731 - steps/s differ
+    assert strip(metrics_a) == strip(metrics_b)
 
 
 @pytest.mark.slow

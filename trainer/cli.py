@@ -110,9 +110,31 @@ def _shard_set(shards, option: str | None = "--shards"):
 @click.option("--warmup", type=click.IntRange(min=1), default=DEFAULTS.warmup_steps, show_default=True,
               help="Linear warm-up steps.")
 @click.option("--milestone", type=click.IntRange(min=1), default=None,
-              help="Step at which the learning rate is multiplied by 0.05. Default: half of --steps.")
+              help="Step from which the learning rate is multiplied by --lr-decay. Default: none, a constant rate "
+                   "after the warm-up (the paper: 200k steps at 2e-4; its 5k steps at 1e-5 with hard negatives "
+                   "are a separate stage).")
+@click.option("--lr-decay", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr_decay,
+              show_default=True, help="Factor of the learning rate from --milestone on (2e-4 x 0.05 = 1e-5).")
 @click.option("--eta", type=click.FloatRange(min=0), default=DEFAULTS.eta, show_default=True,
-              help="Weight of the correspondence term of Eq. 2.")
+              help="Weight of the correspondence term of Eq. 2 (0: the paper's ablation without it).")
+@click.option("--mask-loss/--no-mask-loss", default=DEFAULTS.mask_loss, show_default=True,
+              help="Keep the mask term of Eq. 2 (each positive image's predicted mask against its ground truth). "
+                   "--no-mask-loss is an ablation of the paper's Table 3; the negatives' masks are still pushed "
+                   "towards 0.")
+@click.option("--transported-mask-loss/--no-transported-mask-loss", default=DEFAULTS.transported_mask_loss,
+              show_default=True,
+              help="Keep the transported-mask term of Eq. 2 (the other image's predicted mask read at this image's "
+                   "predicted correspondences, against this image's ground truth). --no-transported-mask-loss is "
+                   "an ablation of the paper's Table 3.")
+@click.option("--train-tps-prob", type=click.FloatRange(0, 1), default=DEFAULTS.tps_prob, show_default=True,
+              help="Probability of warping the target of a pair by a new random thin-plate spline each time it is "
+                   "loaded (image, mask and both correspondence fields together), as the authors' training does; "
+                   "on top of the warps fixed when the shards were built. 0: off.")
+@click.option("--train-tps-jitter", type=click.FloatRange(min=0), default=DEFAULTS.tps_jitter, show_default=True,
+              help="Amplitude of that spline: the points of its g x g control grid move by U[-J/g, J/g] of the "
+                   "image (the authors': 0.25).")
+@click.option("--train-tps-grid-sizes", default=_joined(DEFAULTS.tps_grid_sizes), show_default=True,
+              callback=_int_list, help="Sizes g of that control grid, one drawn per warp, comma-separated.")
 @click.option("--layers", default=TDEFAULTS.layers, show_default=True,
               help="Transformer layers: S = self-attention within each image, C = cross-attention.")
 @click.option("--d-model", type=click.IntRange(min=2), default=TDEFAULTS.d_model, show_default=True,
@@ -155,7 +177,8 @@ def _shard_set(shards, option: str | None = "--shards"):
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same config and data).")
 @click.option("--force", is_flag=True, help="With --resume: accept a checkpoint of another config or data set.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warmup, milestone, eta, layers, d_model,
+def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warmup, milestone, lr_decay, eta,
+        mask_loss, transported_mask_loss, train_tps_prob, train_tps_jitter, train_tps_grid_sizes, layers, d_model,
         heads, feedforward, ncnet_k, ncnet_kernel_sizes, ncnet_channels, ncnet_symmetric, ncnet_temperature,
         shuffle_buffer, seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every,
         verify_shards, resume, force, no_progress):
@@ -172,7 +195,10 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
                         symmetric=ncnet_symmetric, temperature=ncnet_temperature)
     try:
         config = TrainConfig(arch=arch, steps=steps, image_size=image_size, positives=positives,
-                             negatives=negatives, lr=lr, warmup_steps=warmup, milestone=milestone, eta=eta,
+                             negatives=negatives, lr=lr, warmup_steps=warmup, milestone=milestone,
+                             lr_decay=lr_decay, eta=eta, mask_loss=mask_loss,
+                             transported_mask_loss=transported_mask_loss, tps_prob=train_tps_prob,
+                             tps_jitter=train_tps_jitter, tps_grid_sizes=train_tps_grid_sizes,
                              shuffle_buffer=shuffle_buffer, seed=seed, transformer=transformer,
                              ncnet=ncnet).validate()
     except ValueError as error:

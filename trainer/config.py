@@ -83,15 +83,37 @@ class TrainConfig:
     """Probability of swapping the source and target roles of a positive pair."""
     hide_prob: float = 0.5
     """Probability of hiding the target's tokens outside its mask from attention (as the authors do)."""
+    tps_prob: float = 0.5
+    """Probability of warping the target of a positive pair (after the role swap) by a random
+    thin-plate spline each time it is loaded, as the authors' training loader does: a new
+    deformation every epoch, on top of the one fixed when the pair was built
+    (:mod:`trainer.augment`). 0: off."""
+    tps_jitter: float = 0.25
+    """Control points of that spline's g x g grid move by U[-tps_jitter/g, tps_jitter/g] of the
+    image (the authors' ``(rand - 0.5) / g`` on a [-1, 1] grid); same meaning as datagen's
+    ``WarpConfig.tps_jitter``, which is 0.5 for the build-time warp of a segment."""
+    tps_grid_sizes: tuple = (4, 6)
+    """Sizes g of that control grid, one drawn per warp (the authors' and datagen's)."""
     eta: float = 8.0
-    """Weight of the correspondence L1 term in Eq. 2."""
+    """Weight of the correspondence L1 term in Eq. 2 (0: the paper's "no correspondence" ablation)."""
+    mask_loss: bool = True
+    """Keep the mask BCE of Eq. 2 on the positives (each image's predicted mask against its
+    ground truth); False is an ablation of the paper's Table 3. The negatives' masks stay
+    supervised towards 0 either way."""
+    transported_mask_loss: bool = True
+    """Keep the transported-mask BCE of Eq. 2 (the other image's predicted mask read at this
+    image's predicted correspondences, against this image's ground truth); False is an
+    ablation of the paper's Table 3."""
     lr: float = 2e-4
     betas: tuple = (0.5, 0.999)
     warmup_steps: int = 1000
     steps: int = 200_000
     milestone: int | None = None
-    """Step at which the learning rate is multiplied by ``lr_decay``; None: half of ``steps``."""
+    """Step from which the learning rate is multiplied by ``lr_decay``; None (the default): no
+    decay, the paper's 200k steps at 2e-4 (its 5k steps at 1e-5 with hard negatives are a
+    separate stage)."""
     lr_decay: float = 0.05
+    """Factor of the learning rate from ``milestone`` on (only used with a milestone)."""
     shuffle_buffer: int = 1000
     seed: int = 0
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -101,10 +123,6 @@ class TrainConfig:
     def grid_size(self) -> int:
         return self.image_size // self.stride
 
-    @property
-    def milestone_step(self) -> int:
-        return self.milestone if self.milestone is not None else self.steps // 2
-
     def validate(self) -> TrainConfig:
         checks = [
             (self.positives >= 2 or self.negatives == 0, "--positives must be at least 2 to build negatives"),
@@ -112,6 +130,12 @@ class TrainConfig:
              f"--negatives must be at most P (P - 1) = {self.positives * (self.positives - 1)}"),
             (self.image_size % self.stride == 0, "--image-size must be a multiple of the stride"),
             (self.steps >= 1, "--steps must be at least 1"),
+            (self.milestone is None or self.milestone >= 1, "--milestone must be at least 1"),
+            (self.lr_decay > 0, "--lr-decay must be positive"),
+            (0 <= self.tps_prob <= 1, f"--train-tps-prob must be in [0, 1], got {self.tps_prob}"),
+            (self.tps_jitter >= 0, f"--train-tps-jitter must be >= 0, got {self.tps_jitter}"),
+            (len(self.tps_grid_sizes) >= 1 and all(isinstance(g, int) and g >= 2 for g in self.tps_grid_sizes),
+             f"--train-tps-grid-sizes must be integers >= 2, got {tuple(self.tps_grid_sizes)}"),
             (all(c in "SC" for c in self.transformer.layers), "transformer layers use only S and C"),
             (self.transformer.d_model % self.transformer.heads == 0, "d_model must be divisible by heads"),
         ]
@@ -131,13 +155,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        """The inverse of :meth:`to_dict`; a missing ``transformer`` or ``ncnet`` takes its defaults."""
+        """The inverse of :meth:`to_dict`; a missing ``transformer`` or ``ncnet`` takes its defaults.
+
+        A config stored before the train-time TPS existed (no ``tps_prob`` key) is read as it
+        trained: no TPS, and its learning rate decayed at half of its steps when it named no
+        milestone (the default of that time)."""
         data = dict(data)
+        if "tps_prob" not in data:
+            data["tps_prob"] = 0.0
+            if data.get("milestone") is None:
+                data["milestone"] = int(data.get("steps", cls.steps)) // 2
         transformer = TransformerConfig(**dict(data.pop("transformer", {}) or {}))
         ncnet = dict(data.pop("ncnet", {}) or {})
         for name in ("kernel_sizes", "channels"):
             if name in ncnet:
                 ncnet[name] = tuple(ncnet[name])
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
+        for name in ("betas", "tps_grid_sizes"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(transformer=transformer, ncnet=NCNetConfig(**ncnet), **data)

@@ -24,7 +24,9 @@ from datagen.format.schema import PairSample, decode_sample
 from datagen.format.shards import ShardError, iter_tar_samples
 from datagen.format.shardset import ShardSet, resolve_shard_set
 from datagen.format.storage import is_url
+from datagen.format.warps import ThinPlateSpline
 
+from .augment import random_target_tps, warp_image, warp_target_fields
 from .config import TrainConfig
 
 
@@ -84,11 +86,21 @@ class Example:
     tgt_hide: np.ndarray
 
 
-def to_example(sample: PairSample, config: TrainConfig, rng: random.Random) -> Example:
+def to_example(sample: PairSample, config: TrainConfig, rng: random.Random,
+               tps_rng: random.Random | None = None) -> Example:
     """A decoded sample as a training example: stylised or plain image (each with probability
     ``style_prob``), roles swapped with probability ``swap_prob``, images resized to the
     config's size and grids recomputed from the stored warps when the network's grid differs,
-    target tokens outside the target mask hidden with probability ``hide_prob``."""
+    the target (after the swap) warped by a random thin-plate spline with probability
+    ``tps_prob`` when ``tps_rng`` is given (:func:`augment_target`), target tokens outside the
+    target mask hidden with probability ``hide_prob``.
+
+    Random draws: from ``rng`` the style of each image, the swap and the hiding, in that order;
+    from ``tps_rng`` the TPS (its coin, then its spline; nothing when ``tps_prob`` is 0).
+    :class:`PairStream` gives the TPS a generator of its own, seeded like the stream's, so that
+    switching the TPS on or off changes neither the order of the pairs nor their styles, swaps
+    and hidden tokens. ``tps_rng`` None: no TPS, whatever ``tps_prob`` says (the TPS is a
+    training augmentation; evaluation reads the stored pairs)."""
     grid = (config.grid_size, config.grid_size)
     if sample.src_grid_mask.shape != grid:
         fields = recompute_grids(sample, grid)
@@ -111,7 +123,7 @@ def to_example(sample: PairSample, config: TrainConfig, rng: random.Random) -> E
         src_mask, tgt_mask = tgt_mask, src_mask
         src_to_tgt, tgt_to_src = tgt_to_src, src_to_tgt
     hide = rng.random() < config.hide_prob
-    return Example(
+    example = Example(
         key=sample.key,
         src_image=np.ascontiguousarray(src_image),
         tgt_image=np.ascontiguousarray(tgt_image),
@@ -119,7 +131,34 @@ def to_example(sample: PairSample, config: TrainConfig, rng: random.Random) -> E
         tgt_mask=tgt_mask[None].astype(np.float32),
         src_to_tgt=np.ascontiguousarray(src_to_tgt.transpose(2, 0, 1), dtype=np.float32),
         tgt_to_src=np.ascontiguousarray(tgt_to_src.transpose(2, 0, 1), dtype=np.float32),
-        tgt_hide=(tgt_mask < 0.5) if hide else np.zeros(tgt_mask.shape, bool),
+        tgt_hide=np.zeros(tgt_mask.shape, bool),
+    )
+    if tps_rng is not None and config.tps_prob > 0 and tps_rng.random() < config.tps_prob:
+        tps = random_target_tps(tps_rng, config.tps_grid_sizes, config.tps_jitter)
+        if tps is not None:
+            example = augment_target(example, tps)
+    if hide:
+        example.tgt_hide = example.tgt_mask[0] < 0.5
+    return example
+
+
+def augment_target(example: Example, tps: ThinPlateSpline) -> Example:
+    """``example`` with its target warped by the backward spline ``tps`` (warped -> original,
+    normalised): the target image, the target grid mask and both correspondence fields, by the
+    rules of :mod:`trainer.augment`; the source mask loses the cells whose content leaves the
+    warped target. ``tgt_hide`` is left as it is (:func:`to_example` sets it afterwards, from
+    the warped mask). A new Example; ``example`` is not modified."""
+    fields = warp_target_fields(tps, example.src_mask[0], example.tgt_mask[0],
+                                example.src_to_tgt.transpose(1, 2, 0), example.tgt_to_src.transpose(1, 2, 0))
+    return Example(
+        key=example.key,
+        src_image=example.src_image,
+        tgt_image=np.ascontiguousarray(warp_image(example.tgt_image, tps)),
+        src_mask=fields.src_mask[None],
+        tgt_mask=fields.tgt_mask[None],
+        src_to_tgt=np.ascontiguousarray(fields.src_to_tgt.transpose(2, 0, 1)),
+        tgt_to_src=np.ascontiguousarray(fields.tgt_to_src.transpose(2, 0, 1)),
+        tgt_hide=example.tgt_hide,
     )
 
 
@@ -162,7 +201,8 @@ class PairStream(torch.utils.data.IterableDataset):
     Epoch ``e`` visits the shards in the order of ``Random((seed, start_epoch + e))``, split
     between the loader workers of all ranks (:func:`worker_shards`; ``rank`` of ``world_size``
     is this process's place in a multi-process job, 0 of 1 otherwise); samples go through a
-    buffer of ``config.shuffle_buffer``, whose random draws are seeded per worker and rank. Each
+    buffer of ``config.shuffle_buffer``, whose random draws are seeded per worker and rank (as
+    are those of the examples, and apart from them those of the train-time TPS). Each
     batch carries ``skipped``: how many shards or samples this worker skipped since its last batch.
     """
 
@@ -186,6 +226,7 @@ class PairStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         index, total = self.rank * workers + worker, self.world_size * workers
         rng = random.Random(f"{self.config.seed}:{self.start_epoch}:{index}")
+        tps_rng = random.Random(f"{self.config.seed}:{self.start_epoch}:{index}:tps")  # see to_example
         skipped = 0
 
         def on_error(where, error):
@@ -203,7 +244,7 @@ class PairStream(torch.utils.data.IterableDataset):
             seen = 0
             for members in iter_raw(mine, on_error, self.checksums, verified):
                 try:
-                    example = to_example(decode_sample(members), self.config, rng)
+                    example = to_example(decode_sample(members), self.config, rng, tps_rng)
                 except Exception as error:  # noqa: BLE001 - one bad sample (JSON, warp, mask) is skipped
                     on_error(f"sample {members.get('__key__', '?')}", error)
                     continue

@@ -67,10 +67,11 @@ def negative_pairs(positives: int, negatives: int) -> tuple[torch.Tensor, torch.
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Learning-rate multiplier: linear warm-up, then 1, then ``lr_decay`` after the milestone."""
+    """Learning-rate multiplier: linear warm-up, then 1; ``lr_decay`` from the milestone on, when
+    the config names one (by default it does not: the paper's constant rate)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    return 1.0 if step < config.milestone_step else config.lr_decay
+    return 1.0 if config.milestone is None or step < config.milestone else config.lr_decay
 
 
 def atomic_save(payload: dict, path: Path) -> None:
@@ -272,7 +273,9 @@ class Trainer:
         truth = PairBatch(src_mask=to("src_mask"), tgt_mask=to("tgt_mask"),
                           src_to_tgt=to("src_to_tgt"), tgt_to_src=to("tgt_to_src"))
         outs = [o.float() if o is not None else None for o in (src_out, tgt_out, neg_src_out, neg_tgt_out)]
-        return step_loss(*outs, truth, self.config.eta), (outs[0], outs[1])
+        losses = step_loss(*outs, truth, self.config.eta, mask_loss=self.config.mask_loss,
+                           transported_mask_loss=self.config.transported_mask_loss)
+        return losses, (outs[0], outs[1])
 
     def train_step(self, batch: dict) -> dict:
         self.net.train()
@@ -339,14 +342,14 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
 
     def write_run_record(self) -> Path:
-        """``run.json``: what this run trains (the config with its milestone resolved to a step,
-        its hash), on what (the shards as given, their fingerprint), from which backbone weights,
-        the step it starts at (0, or where a resume picks up), and on how many ranks (each takes
-        the config's positives and negatives per step)."""
+        """``run.json``: what this run trains (the config, whose ``milestone`` is the step of the
+        learning-rate decay or null for none, and its hash), on what (the shards as given, their
+        fingerprint), from which backbone weights, the step it starts at (0, or where a resume
+        picks up), and on how many ranks (each takes the config's positives and negatives per
+        step)."""
         import datagen
 
-        config = {**self.config.to_dict(), "milestone": self.config.milestone_step}
-        record = {"config": config, "config_hash": config_hash(self.config), "shards": str(self.shards),
+        record = {"config": self.config.to_dict(), "config_hash": config_hash(self.config), "shards": str(self.shards),
                   "dataset_fingerprint": self.fingerprint, "backbone": self.backbone_record,
                   "start_step": self.step, "device": str(self.device), "world_size": self.world_size,
                   "segswap_version": datagen.__version__,

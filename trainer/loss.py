@@ -15,6 +15,11 @@ elements; the correspondence term is ``sum(|pred - gt| * m) / sum(m) / 2`` over 
 together, m (B, 1, h, w) broadcast over the x and y channels, so it is the mean L1 per coordinate
 over mask cells.
 
+Ablations (the paper's Table 3): ``mask_loss=False`` leaves out the positives' own mask BCE
+terms and ``transported_mask_loss=False`` the transported ones; the BCE mean is then over the
+elements of the terms left (the negatives' masks stay in it). With no BCE term left at all the
+mask BCE is 0.
+
 Mask cells (the authors' definition): the cells where the ground-truth mask equals its maximum over
 that image. With the soft grid masks of the shards these are the cells fully covered by the
 object (when any is; otherwise the best-covered ones). An all-zero mask makes every cell a mask cell.
@@ -101,23 +106,39 @@ def _corr_l1(src_out: Tensor, tgt_out: Tensor, batch: PairBatch) -> Tensor:
     return total / count / 2
 
 
-def _positive_bce_terms(src_out: Tensor, tgt_out: Tensor, batch: PairBatch) -> tuple[list, list]:
-    """Predictions and targets of the positives' mask BCE: [src, tgt, transported src, transported tgt]."""
-    src_view, tgt_view = transported_masks(src_out, tgt_out)
-    predictions = [src_out[:, 2:3], tgt_out[:, 2:3], src_view, tgt_view]
-    targets = [batch.src_mask, batch.tgt_mask, batch.src_mask, batch.tgt_mask]
+def _positive_bce_terms(src_out: Tensor, tgt_out: Tensor, batch: PairBatch, mask_loss: bool = True,
+                        transported_mask_loss: bool = True) -> tuple[list, list]:
+    """Predictions and targets of the positives' mask BCE: [src, tgt] (if ``mask_loss``), then
+    [transported src, transported tgt] (if ``transported_mask_loss``)."""
+    predictions, targets = [], []
+    if mask_loss:
+        predictions += [src_out[:, 2:3], tgt_out[:, 2:3]]
+        targets += [batch.src_mask, batch.tgt_mask]
+    if transported_mask_loss:
+        predictions += list(transported_masks(src_out, tgt_out))
+        targets += [batch.src_mask, batch.tgt_mask]
     return predictions, targets
 
 
+def _bce_mean(predictions: list[Tensor], targets: list[Tensor], like: Tensor) -> Tensor:
+    """One mean of the elementwise BCE over all the terms; 0 (on ``like``'s graph, so backward
+    still runs) when there is no term."""
+    if not predictions:
+        return like.sum() * 0.0
+    return _bce_elements(predictions, targets).mean()
+
+
 def pair_loss(src_out: Tensor, tgt_out: Tensor, src_mask: Tensor, tgt_mask: Tensor,
-              src_to_tgt: Tensor, tgt_to_src: Tensor, eta: float = 8.0) -> dict:
+              src_to_tgt: Tensor, tgt_to_src: Tensor, eta: float = 8.0, mask_loss: bool = True,
+              transported_mask_loss: bool = True) -> dict:
     """Eq. 2 on B positive pairs. Outputs (B, 3, h, w), masks (B, 1, h, w), correspondences (B, 2, h, w).
 
-    Returns scalar tensors (with their graph): ``loss`` = ``mask_bce`` + eta * ``corr_l1``.
+    Returns scalar tensors (with their graph): ``loss`` = ``mask_bce`` + eta * ``corr_l1``, the
+    mask BCE over the terms kept by ``mask_loss`` and ``transported_mask_loss`` (module docstring).
     """
     batch = PairBatch(src_mask, tgt_mask, src_to_tgt, tgt_to_src)
     _check_pair(src_out, tgt_out, batch)
-    mask_bce = _bce_elements(*_positive_bce_terms(src_out, tgt_out, batch)).mean()
+    mask_bce = _bce_mean(*_positive_bce_terms(src_out, tgt_out, batch, mask_loss, transported_mask_loss), src_out)
     corr_l1 = _corr_l1(src_out, tgt_out, batch)
     return {"loss": mask_bce + eta * corr_l1, "mask_bce": mask_bce, "corr_l1": corr_l1}
 
@@ -159,12 +180,14 @@ def _accuracies(pos_src_out: Tensor, pos_tgt_out: Tensor, negatives: list[Tensor
 
 
 def step_loss(pos_src_out: Tensor, pos_tgt_out: Tensor, neg_src_out: Tensor | None,
-              neg_tgt_out: Tensor | None, batch: PairBatch, eta: float = 8.0) -> dict:
+              neg_tgt_out: Tensor | None, batch: PairBatch, eta: float = 8.0, mask_loss: bool = True,
+              transported_mask_loss: bool = True) -> dict:
     """Eq. 2 on a training step: B positive pairs (ground truth ``batch``) and N negative pairs.
 
     Outputs are (B, 3, h, w) for the positives and (N, 3, h, w) for the negatives (None or N = 0:
     no negatives). Negatives only add their predicted masks of both images, against 0, to the
-    mask BCE mean; they have no correspondence term.
+    mask BCE mean; they have no correspondence term. ``mask_loss`` and ``transported_mask_loss``
+    False leave out the positives' own and transported mask terms (the module docstring).
 
     Returns ``loss`` (scalar tensor to backprop) = mask_bce + eta * corr_l1, and floats
     ``mask_bce``, ``corr_l1``, ``acc_pos`` (share of the positives' mask cells predicted > 0.5),
@@ -172,14 +195,14 @@ def step_loss(pos_src_out: Tensor, pos_tgt_out: Tensor, neg_src_out: Tensor | No
     < 0.5; NaN if there are none), ``acc`` = (acc_pos + acc_neg) / 2.
     """
     _check_pair(pos_src_out, pos_tgt_out, batch)
-    predictions, targets = _positive_bce_terms(pos_src_out, pos_tgt_out, batch)
+    predictions, targets = _positive_bce_terms(pos_src_out, pos_tgt_out, batch, mask_loss, transported_mask_loss)
     negatives = []
     if _has_negatives(neg_src_out, neg_tgt_out):
         negatives = [neg_src_out[:, 2:3], neg_tgt_out[:, 2:3]]
     predictions += negatives
     targets += [torch.zeros_like(p) for p in negatives]
 
-    mask_bce = _bce_elements(predictions, targets).mean()
+    mask_bce = _bce_mean(predictions, targets, pos_src_out)
     corr_l1 = _corr_l1(pos_src_out, pos_tgt_out, batch)
     loss = mask_bce + eta * corr_l1
     logs = {"mask_bce": float(mask_bce.detach()), "corr_l1": float(corr_l1.detach())}

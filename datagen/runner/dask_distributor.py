@@ -11,6 +11,11 @@ folder (with its segment bank) and the source images on a file system that every
 the same path (NFS, Lustre, a mounted bucket). The workers write the shards; the client writes
 the manifest and holds the build's lock on the folder (workers never take it).
 
+With a store URL as ``--out`` (``s3://...``, :mod:`~datagen.runner.store`) the shared folder is
+the build's work folder (``--work``, with the bank) instead, and each worker uploads the shards
+it builds itself (tar, rows, stats marker last; :class:`~datagen.runner.task.ShardTask` does it):
+every worker needs the store's credentials, and no shard passes through the client.
+
 Progress: a worker counts the pairs a task writes and sends the count of the attempt so far as a
 Dask event (``Worker.log_event``) every :data:`PROGRESS_SECONDS` or every tenth of a shard; the
 client keeps, per shard, the largest count any attempt reached, so a retried shard does not count
@@ -32,7 +37,9 @@ run ends however it ends (and a new build removes any that a killed client left,
 an attempt still going then finds its files gone and its renames fail, so it cannot write into
 ``OUT`` once the build that planned it is over (at most a rename already under way as the folder
 goes lands, and it carries the bytes of that build's shard; a shard without its stats marker is
-rebuilt by the next build).
+rebuilt by the next build). For a store, the staging folder is under the work folder's upload
+folder and an attempt uploads its files from there (each object put whole) instead of renaming
+them: the same holds, with an upload under way in place of a rename.
 
 Style on GPU workers: each worker runs its tasks through :class:`ShardPlugin`, registered by the
 client for the run. On a worker with one thread (CPU machines: ``--nworkers N --nthreads 1``) a
@@ -126,12 +133,14 @@ def _publish(attempt: Path, out: Path, shard: int) -> None:
 def run_attempt(task: ShardTask, staging: str | os.PathLike, run: Callable[[ShardTask], dict]) -> dict:
     """One attempt of ``task``: ``run`` builds it into a new folder of its own under ``staging``
     (the run's staging folder, which must exist), whose files are then renamed into
-    ``task.out_dir``; the folder goes in any case. Returns the shard's stats."""
+    ``task.out_dir``, unless the task uploads them to its store itself (``task.store``); the
+    folder goes in any case. Returns the shard's stats."""
     attempt = Path(staging) / f"{shard_name(task.shard)}-{uuid.uuid4().hex[:12]}"
     attempt.mkdir()  # FileNotFoundError once the client has removed the run's staging folder
     try:
         stats = run(dataclasses.replace(task, out_dir=str(attempt)))
-        _publish(attempt, Path(task.out_dir), task.shard)
+        if task.store is None:
+            _publish(attempt, Path(task.out_dir), task.shard)
         return stats
     finally:
         shutil.rmtree(attempt, ignore_errors=True)
@@ -144,8 +153,8 @@ def _run_on_worker(task: ShardTask, staging: str, topic: str, plugin_name: str) 
     worker = get_worker()
     if not Path(task.bank_dir).is_dir() or not Path(staging).is_dir():
         raise BuildError(f"worker {worker.address} on {socket.gethostname()} does not see {task.out_dir} (its "
-                         f"segment bank or staging folder is missing): --out must be on a file system that every "
-                         f"worker sees at the same path")
+                         f"segment bank or staging folder is missing): {_shared_option(task)} must be on a file "
+                         f"system that every worker sees at the same path")
 
     def send(done: int) -> None:
         worker.log_event(topic, {"shard": task.shard, "done": done})
@@ -336,6 +345,11 @@ def _absolute(task: ShardTask) -> ShardTask:
                                image_root=str(Path(task.image_root).absolute()))
 
 
+def _shared_option(task: ShardTask) -> str:
+    """The option naming the folder every worker must see: ``--out``, or ``--work`` for a store."""
+    return "--out" if task.store is None else "--work"
+
+
 def _failure(future) -> str:
     if future.status == "cancelled":
         return "cancelled (the scheduler lost the task or the client's connection)"
@@ -409,12 +423,14 @@ class DaskDistributor:
         try:
             workers = client.scheduler_info().get("workers", {})
             threads = sum(info.get("nthreads", 0) for info in workers.values())
+            where = out if tasks[0].store is None else f"{tasks[0].store} through {out}"
             self.log(f"cluster {self.address}: {len(workers)} workers, {threads} threads; {len(tasks)} shards into "
-                     f"{out} (a folder every worker must see at this path)")
+                     f"{where} (a folder every worker must see at this path)")
             unseen = [address for address, sees in client.run(os.path.isdir, str(staging)).items() if not sees]
             if unseen:
                 raise BuildError(f"{len(unseen)} of {len(workers)} workers do not see {out} (e.g. {unseen[0]}): "
-                                 f"--out must be on a file system that every worker sees at the same path")
+                                 f"{_shared_option(tasks[0])} must be on a file system that every worker sees at "
+                                 f"the same path")
             client.subscribe_topic(topic, events.event)
             client.register_plugin(ShardPlugin(plugin, tasks[0].config, tasks[0].style, self.style_server, topic))
             for task in tasks:

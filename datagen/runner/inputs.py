@@ -19,7 +19,7 @@ from typing import Any
 from datagen.config import BuildConfig, options_from
 from datagen.format.hashing import canonical_json
 from datagen.segments import RUNTIME_OPTIONS, get_source, source_inputs
-from datagen.segments.bank import write_bank
+from datagen.segments.bank import BANK_FORMAT, write_bank
 
 BANK_DIR = "bank"
 BANK_INPUTS = "inputs.json"
@@ -98,9 +98,11 @@ def inputs_checksum(source_sha256: str, style: dict | None) -> str:
 def source_record(spec: SourceSpec, config: BuildConfig) -> dict:
     """The inputs record of a source (options, its checksums and settings, image root), found
     without loading the source. ``source_sha256`` is one checksum of the source's inputs (see
-    :class:`~datagen.segments.bank.SourceInputs`)."""
+    :class:`~datagen.segments.bank.SourceInputs`). ``bank_format`` is recorded so that a bank of an
+    older format is scanned again rather than misread."""
     inputs = source_inputs(spec.name, **spec.kwargs())
     return {
+        "bank_format": BANK_FORMAT,
         "source": spec.to_json(),
         "min_area": config.min_area,
         **inputs.record,

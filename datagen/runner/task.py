@@ -22,11 +22,12 @@ from datagen.format.manifest import make_stats, samples_name, stats_name, write_
 from datagen.format.schema import encode_sample
 from datagen.format.shards import ShardWriter, sample_key, shard_name
 from datagen.runner.errors import BuildError
+from datagen.runner.store import upload_shard
 from datagen.runner.styling import StyleSpec, collect_style, draw_style, submit_style
 from datagen.runner.worker_state import STATE
 from datagen.style import NO_STYLE
 from datagen.synth.pairs import Rejected
-from datagen.synth.sampling import attempt_rng, objects_for_attempt
+from datagen.synth.sampling import attempt_rng, objects_for_sample
 
 
 def plan_shards(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -41,7 +42,10 @@ class ShardTask:
     ``bank_dir``, ``image_root``: the segment bank and the folder its image paths are relative to.
     ``inputs_sha256`` (the inputs' checksum) is recorded in the stats, so that shards of other
     inputs are never taken for finished ones. ``style``: the options of this process's stylizer
-    when the task stylises its pairs itself.
+    when the task stylises its pairs itself. ``store``: the URL of the build's output when it is a
+    store (``s3://...``): the shard is written into ``out_dir`` (a local folder) as always, then
+    uploaded there, stats marker last, and its local files deleted
+    (:func:`~datagen.runner.store.upload_shard`); the bytes are those of a local build.
     """
 
     shard: int
@@ -53,6 +57,7 @@ class ShardTask:
     out_dir: str
     inputs_sha256: str | None = None
     style: StyleSpec = StyleSpec()
+    store: str | None = None
 
     def __call__(self, progress: Callable[[int], None] | None = None, remote_style=None) -> dict:
         """Build and write the shard; returns its stats.
@@ -62,7 +67,8 @@ class ShardTask:
         build's style server). Every ``config.style_batch`` accepted pairs go to the stylizer
         together; the next batch is built while they are stylised (:class:`_Batches`).
 
-        Writes the tar, then the per-attempt parquet, then the stats marker (last). A rejected or
+        Writes the tar, then the per-attempt parquet, then the stats marker (last), and uploads
+        them in that order when the output is a store. A rejected or
         failing attempt is recorded and the shard goes on; ``config.max_attempts`` failures in a
         row stop it with :class:`~datagen.runner.errors.BuildError` (something is wrong with every
         input, not one).
@@ -91,7 +97,7 @@ class ShardTask:
 
             while accepted < self.count:
                 rng = attempt_rng(root_seed, shard, attempt)
-                objects = objects_for_attempt(rng, config.objects)
+                objects = objects_for_sample(accepted, config.objects)
                 key = sample_key(shard, accepted)
                 row = {"shard": shard, "attempt": attempt, "objects": objects, "bytes": 0,
                        "seed": f"root={root_seed} shard={shard} attempt={attempt}"}
@@ -128,6 +134,8 @@ class ShardTask:
                            bytes=writer.bytes, sha256=writer.sha256, config_hash=chash, root_seed=root_seed,
                            inputs_sha256=self.inputs_sha256)
         write_stats(out / stats_name(shard), stats)
+        if self.store is not None:
+            upload_shard(out, self.store, shard)
         return stats
 
 

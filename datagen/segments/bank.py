@@ -28,7 +28,8 @@ from pycocotools import mask as mask_utils
 
 from datagen.format.atomic import atomic_write_bytes, fsync_dir, temporary_path
 
-BANK_FORMAT = 1
+BANK_FORMAT = 2
+"""2: images carry the categories of all their annotations."""
 SEGMENTS_FILE = "segments.parquet"
 IMAGES_FILE = "images.parquet"
 SKIPPED_FILE = "skipped.parquet"
@@ -58,17 +59,25 @@ class SegmentRow:
     refine_iou: float | None = None
     coarse_rle: str | None = None
     """Unsupervised sources: RLE ``counts`` of the mask before refinement (LOST's coarse mask)."""
+    soft_png: bytes | None = None
+    """LOST: the bilateral solver's soft output before any thresholding, an 8-bit PNG at the
+    resolution the solver ran at (:func:`datagen.segments.refine.encode_soft`), for the reference
+    protocol of ``datagen segments eval``. Never loaded by :class:`SegmentBank` (builds do not
+    need it); read it from ``segments.parquet`` directly."""
 
 
 @dataclass(frozen=True)
 class ImageRow:
-    """One image of the source, with or without segments; size in pixels."""
+    """One image of the source, with or without segments; size in pixels. ``categories``: the
+    category ids of every annotation of the image, kept as a segment or not (crowd, too small):
+    a background must show none of the categories pasted into it."""
 
     source: str
     image_id: int
     image_path: str
     width: int
     height: int
+    categories: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -132,15 +141,27 @@ SEGMENT_SCHEMA = pa.schema([
     ("score", pa.float64()),
     ("refine_iou", pa.float64()),
     ("coarse_rle", pa.string()),
+    ("soft_png", pa.binary()),
 ])
-_OPTIONAL_COLUMNS = ("coarse_rle",)
+_OPTIONAL_COLUMNS = ("coarse_rle", "soft_png")
 """Segment columns added after the first banks: absent in old files, None when read from them."""
+_SPARSE_COLUMNS = ("soft_png",)
+"""Segment columns written only by the sources that fill them: the file has the column when a row
+of its first row group has a value there, so that the banks of other sources (COCO) keep the
+bytes they had before the column existed. A value in a later row of a file without the column is
+an error, not a silent loss."""
+_UNLOADED_COLUMNS = ("soft_png",)
+"""Segment columns :meth:`SegmentBank.load` never reads: large, and only evaluation needs them."""
+_ROW_GROUP_BYTES = 64 << 20
+"""A row group is also written when its sparse (binary) values reach this many bytes, so that a
+scan holds a bounded amount of soft outputs in memory; banks without them are unaffected."""
 IMAGE_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("image_id", pa.int64()),
     ("image_path", pa.string()),
     ("width", pa.int64()),
     ("height", pa.int64()),
+    ("categories", pa.list_(pa.int32())),
 ])
 SKIPPED_SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -156,29 +177,55 @@ _TABLES = {
 
 
 class _ParquetRows:
-    """Appends dataclass rows to a Parquet file, one row group per ``_ROW_GROUP_ROWS`` rows."""
+    """Appends dataclass rows to a Parquet file, one row group per ``_ROW_GROUP_ROWS`` rows (or
+    ``_ROW_GROUP_BYTES`` of sparse values). The file is opened at the first row group, once it is
+    known which of the ``sparse`` columns it holds (see :data:`_SPARSE_COLUMNS`)."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, sparse: tuple[str, ...] = ()):
+        self.path = path
         self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.sparse = tuple(name for name in sparse if name in schema.names)
+        self.writer: pq.ParquetWriter | None = None
         self.columns: dict[str, list] = {name: [] for name in schema.names}
+        self.sparse_bytes = 0
         self.count = 0
 
     def add(self, row) -> None:
         for name, column in self.columns.items():
             column.append(getattr(row, name))
+        for name in self.sparse:
+            value = getattr(row, name)
+            self.sparse_bytes += 0 if value is None else len(value)
         self.count += 1
-        if self.count % _ROW_GROUP_ROWS == 0:
+        if len(self.columns["source"]) >= _ROW_GROUP_ROWS or self.sparse_bytes >= _ROW_GROUP_BYTES:
             self._flush()
 
     def close(self) -> None:
         self._flush()
+        if self.writer is None:  # no row at all
+            self._open()
         self.writer.close()
+
+    def _open(self) -> None:
+        """Open the file with the schema less the sparse columns that no buffered row fills."""
+        empty = [name for name in self.sparse if all(value is None for value in self.columns[name])]
+        for name in empty:
+            self.schema = self.schema.remove(self.schema.get_field_index(name))
+        self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
 
     def _flush(self) -> None:
         if self.columns["source"]:
-            self.writer.write_table(pa.table(self.columns, schema=self.schema))
-        self.columns = {name: [] for name in self.schema.names}
+            if self.writer is None:
+                self._open()
+            for name in self.sparse:
+                if name not in self.schema.names and any(value is not None for value in self.columns[name]):
+                    self.columns = {name: [] for name in self.columns}  # so that close() still closes
+                    raise ValueError(f"{self.path.name}: a row has {name} but the rows of the first row group "
+                                     f"had none (a source fills it in every row or in none)")
+            table = {name: self.columns[name] for name in self.schema.names}
+            self.writer.write_table(pa.table(table, schema=self.schema))
+        self.columns = {name: [] for name in self.columns}
+        self.sparse_bytes = 0
 
 
 def write_bank(items: Iterable[BankItem], directory) -> BankSummary:
@@ -213,7 +260,8 @@ def write_bank(items: Iterable[BankItem], directory) -> BankSummary:
 
 
 def _write_tables(items: Iterable[BankItem], paths: dict[str, Path]) -> BankSummary:
-    writers = {row_type: _ParquetRows(paths[name], schema) for row_type, (name, schema) in _TABLES.items()}
+    writers = {row_type: _ParquetRows(paths[name], schema, _SPARSE_COLUMNS)
+               for row_type, (name, schema) in _TABLES.items()}
     sources: set[str] = set()
     try:
         for item in items:
@@ -264,6 +312,8 @@ class SegmentBank:
             widths=_numpy(images, "width"),
             heights=_numpy(images, "height"),
         )
+        self._image_categories = images.column("categories").to_pylist()
+        self._annotated: dict | None = None
 
     @classmethod
     def load(cls, directory) -> SegmentBank:
@@ -275,7 +325,8 @@ class SegmentBank:
             raise FileNotFoundError(f"{directory}: not a segment bank, missing {', '.join(missing)}")
         summary = _read_summary(directory)
         present = set(pq.read_schema(directory / SEGMENTS_FILE).names)
-        columns = [name for name in SEGMENT_SCHEMA.names if name in present or name not in _OPTIONAL_COLUMNS]
+        columns = [name for name in SEGMENT_SCHEMA.names if name not in _UNLOADED_COLUMNS
+                   and (name in present or name not in _OPTIONAL_COLUMNS)]
         segments = pq.read_table(directory / SEGMENTS_FILE, columns=columns, read_dictionary=_REPEATED_COLUMNS)
         images = pq.read_table(directory / IMAGES_FILE, columns=IMAGE_SCHEMA.names)
         if (segments.num_rows, images.num_rows) != (summary.segments, summary.images):
@@ -306,7 +357,16 @@ class SegmentBank:
         return order[start:stop]
 
     def categories_of_image(self, image_id: int) -> frozenset[int]:
+        """Categories of the bank's segments of ``image_id``."""
         return frozenset(self.category_ids[self.segments_of_image(image_id)].tolist())
+
+    def annotated_categories_of_image(self, image_id: int) -> frozenset[int]:
+        """Categories of every annotation of ``image_id``, kept as a segment or not (crowd, too
+        small): what a background must not show of the pasted categories."""
+        if self._annotated is None:
+            self._annotated = dict(zip(self.images.image_ids.tolist(),
+                                       (frozenset(c or ()) for c in self._image_categories)))
+        return self._annotated.get(int(image_id), frozenset()) | self.categories_of_image(image_id)
 
     def category_name(self, category_id: int) -> str:
         try:

@@ -140,7 +140,9 @@ class CocoSource:
         if problem is not None:
             return Skipped(self.name, "image", image["file_name"],
                            f"image {image['id']} ({image['file_name']}): {problem}")
-        return ImageRow(self.name, image["id"], image["file_name"], int(image["width"]), int(image["height"]))
+        categories = tuple(sorted({int(a["category_id"]) for a in self._coco.imgToAnns.get(image["id"], ())}))
+        return ImageRow(self.name, image["id"], image["file_name"], int(image["width"]), int(image["height"]),
+                        categories)
 
     def _annotation_item(self, annotation: dict, image: dict | None, image_problem: str | None
                          ) -> SegmentRow | Skipped:

@@ -5,8 +5,9 @@ Every image file of the folder (recursively, sorted by relative path) becomes an
 :class:`ImageRow`; its image id is its 1-based position in that list. Each readable image gives
 one :class:`SegmentRow`: LOST's coarse patch mask (:mod:`datagen.segments.lost`), upsampled and refined
 by the solver (:mod:`datagen.segments.refine`), with LOST's score, the refinement's IoU with the coarse
-mask (below 0.5 the coarse mask was kept) and the coarse mask itself (``coarse_rle``, for
-``datagen segments eval``). Unreadable images are :class:`Skipped` with the reason.
+mask (below 0.5 the coarse mask was kept), the coarse mask itself (``coarse_rle``) and the
+solver's soft output before any threshold (``soft_png``, at the resolution the solver ran at), the
+last two for ``datagen segments eval``. Unreadable images are :class:`Skipped` with the reason.
 
 Categories: LOST finds objects, not classes. A build keeps segments of one category out of the
 same pair (a background never holds the pasted segment's category), so one shared category
@@ -290,7 +291,7 @@ class LostSource:
 
     def _segment(self, image: _Image, features, grid: tuple[int, int]) -> SegmentRow | Skipped:
         from datagen.segments.lost import lost
-        from datagen.segments.refine import refine_mask, upsample_patches
+        from datagen.segments.refine import encode_soft, refine_mask, upsample_patches
 
         try:
             if isinstance(features, Exception):
@@ -315,7 +316,8 @@ class LostSource:
             image_height=height, segment_id=image.image_id, category_id=image.image_id, category=CATEGORY,
             bbox=(x, y, w, h), area=area, rle=rle["counts"].decode("ascii"), score=found.score,
             refine_iou=refinement.iou,
-            coarse_rle=encode_rle(_resize_mask(coarse, width, height))["counts"].decode("ascii"))
+            coarse_rle=encode_rle(_resize_mask(coarse, width, height))["counts"].decode("ascii"),
+            soft_png=encode_soft(refinement.solved))
 
     def _skip(self, image: _Image, reason: str) -> Skipped:
         return Skipped(self.name, "annotation", image.path, f"image {image.image_id} ({image.path}): {reason}")

@@ -7,11 +7,16 @@ mostly inside the coarse mask are kept, with the one overlapping it most (not "t
 label", which picks the background when the object is larger than it). When the result agrees
 badly with the coarse mask (IoU < 0.5), the coarse mask is kept instead and the
 :class:`Refinement` says so.
+
+The solver's output itself (``Refinement.solved``, before any threshold) is what TokenCut's
+saliency protocol scores; :func:`encode_soft` keeps it in a bank as an 8-bit PNG that loses
+nothing that protocol's thresholds can see.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -20,17 +25,48 @@ from datagen.segments.bilateral import SolverConfig, bilateral_solve
 MIN_IOU = 0.5
 """Below this IoU between the refined and the coarse mask, the coarse mask is kept."""
 
+SOFT_LEVELS = 255
+"""The soft output is stored as level ``ceil(255 * clip(s, 0, 1))``: ``level > k`` exactly when
+``s > k / 255``, for every k in 0..254 (TokenCut's thresholds), up to float rounding."""
+
 
 @dataclass(frozen=True)
 class Refinement:
     """mask: (H, W) bool, the segment (the refined mask, or the coarse one on fallback).
     refined: (H, W) bool, the post-processed solver output. iou: IoU(refined, coarse) in [0, 1].
-    fallback: True when ``iou < MIN_IOU`` and ``mask`` is the coarse mask."""
+    fallback: True when ``iou < MIN_IOU`` and ``mask`` is the coarse mask. solved: (H, W)
+    float32, the solver's output before any threshold (kept whether or not ``fallback``)."""
 
     mask: np.ndarray
     refined: np.ndarray
     iou: float
     fallback: bool
+    solved: np.ndarray
+
+
+def soft_levels(solved: np.ndarray) -> np.ndarray:
+    """(H, W) solver output -> (H, W) uint8 levels ``ceil(255 * clip(s, 0, 1))`` (:data:`SOFT_LEVELS`).
+
+    Ceil, not round: a threshold "s > k / 255" then reads "level > k" with nothing lost, which
+    rounding would not give (s just above k / 255 would round down to k)."""
+    scaled = np.clip(np.asarray(solved, np.float64), 0.0, 1.0) * SOFT_LEVELS
+    return np.ceil(scaled).astype(np.uint8)
+
+
+def encode_soft(solved: np.ndarray) -> bytes:
+    """The solver's (H, W) output as the PNG of its :func:`soft_levels` (grey, 8 bits)."""
+    ok, data = cv2.imencode(".png", soft_levels(solved))
+    if not ok:
+        raise ValueError(f"cannot encode a {np.shape(solved)} soft output as PNG")
+    return data.tobytes()
+
+
+def decode_soft(data: bytes) -> np.ndarray:
+    """PNG of :func:`encode_soft` -> (H, W) uint8 levels (level / 255 is the stored value)."""
+    levels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if levels is None or levels.ndim != 2 or levels.dtype != np.uint8:
+        raise ValueError("not an 8-bit grey PNG of a soft output")
+    return levels
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,9 +111,11 @@ def refine_mask(image: np.ndarray, coarse: np.ndarray, config: SolverConfig = So
                 solve=bilateral_solve) -> Refinement:
     """Refine ``coarse`` ((H, W) bool, at the image's resolution) on ``image`` ((H, W, 3) uint8
     RGB) with ``solve`` (the bilateral solver's signature), then :func:`postprocess`; falls back to
-    ``coarse`` when the IoU is below :data:`MIN_IOU`."""
+    ``coarse`` when the IoU is below :data:`MIN_IOU`. The solver's output is kept as ``solved``."""
     coarse = np.asarray(coarse, bool)
-    refined = postprocess(solve(image, coarse.astype(np.float32), None, config), coarse)
+    solved = np.asarray(solve(image, coarse.astype(np.float32), None, config), np.float32)
+    refined = postprocess(solved, coarse)
     iou = mask_iou(refined, coarse)
     fallback = iou < MIN_IOU
-    return Refinement(mask=coarse if fallback else refined, refined=refined, iou=iou, fallback=fallback)
+    return Refinement(mask=coarse if fallback else refined, refined=refined, iou=iou, fallback=fallback,
+                      solved=solved)

@@ -2,11 +2,15 @@
 
 Everything random about a pair is drawn here, from one ``numpy.random.Generator`` seeded by
 ``SeedSequence(root_seed, spawn_key=(shard, attempt))``, into a plain :class:`PairPlan`. The
-builder (``pairs.py``) then only executes the plan, so a plan fully determines a sample.
+builder (``pairs.py``) then only executes the plan, so a plan fully determines a sample. How many
+objects a pair has is not drawn: it follows from the sample's index in its shard
+(:func:`objects_for_sample`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from itertools import combinations
 
 import numpy as np
 
@@ -16,6 +20,66 @@ from datagen.config import BuildConfig
 def attempt_rng(root_seed: int, shard: int, attempt: int) -> np.random.Generator:
     """The generator of one attempt: independent streams per (shard, attempt)."""
     return np.random.default_rng(np.random.SeedSequence(root_seed, spawn_key=(shard, attempt)))
+
+
+def objects_for_sample(index: int, mode: str) -> int:
+    """1 or 2 objects for the accepted sample ``index`` of a shard under ``--objects`` mode 1, 2
+    or mix. In mix, even indices have one object and odd ones two: every shard holds as many
+    one-object as two-object pairs (one more one-object pair when its count is odd), whatever
+    share of the attempts of each kind is rejected, and a shard's first samples are those of any
+    shorter shard of the same seed. The authors train on two sets of equal size, one of each."""
+    if mode == "mix":
+        return 1 if index % 2 == 0 else 2
+    return int(mode)
+
+
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+HALVES = ("left", "right", "top", "bottom")
+
+
+def region_box(name: str, size: int) -> tuple:
+    """(x0, y0, x1, y1) pixels of a quadrant or half of the size x size target, before gaps."""
+    half = size // 2
+    return {"top-left": (0, 0, half, half), "top-right": (half, 0, size, half),
+            "bottom-left": (0, half, half, size), "bottom-right": (half, half, size, size),
+            "left": (0, 0, half, size), "right": (half, 0, size, size),
+            "top": (0, 0, size, half), "bottom": (0, half, size, size)}[name]
+
+
+def _contains(outer: tuple, inner: tuple) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
+
+
+def layout_names() -> tuple:
+    """The 16 layouts of the released two-object generator, as pairs of region names: the 6 pairs
+    of distinct quadrants (2 of them diagonal), each quadrant with the 2 halves that do not
+    contain it (8), and left + right, top + bottom (2)."""
+    quarter_quarter = list(combinations(QUADRANTS, 2))
+    quarter_half = [(quadrant, half) for quadrant in QUADRANTS for half in HALVES
+                    if not _contains(region_box(half, 2), region_box(quadrant, 2))]
+    return tuple(quarter_quarter + quarter_half + [("left", "right"), ("top", "bottom")])
+
+
+def separate(first: tuple, second: tuple, gap: int) -> tuple:
+    """Two boxes (x0, y0, x1, y1) that meet, moved apart by ``gap`` pixels: on each axis where
+    one ends where the other starts, the one before gives up ``gap // 2`` pixels and the one
+    after the rest. Quadrants on a diagonal meet on both axes (at a corner): both shrink on both."""
+    boxes = [list(first), list(second)]
+    for low, high in ((0, 2), (1, 3)):  # x, then y
+        for a, b in ((0, 1), (1, 0)):
+            if boxes[a][high] == boxes[b][low]:
+                boxes[a][high] -= gap // 2
+                boxes[b][low] += gap - gap // 2
+    return tuple(boxes[0]), tuple(boxes[1])
+
+
+@lru_cache(maxsize=16)
+def two_object_layouts(size: int, gap: int) -> tuple:
+    """The 16 layouts (:func:`layout_names`) as pairs of (x0, y0, x1, y1) regions of the size x
+    size target, separated by ``gap`` pixels where they meet (:func:`separate`). The released
+    script lists the same 16 by hand, each region a whole grid stride away from the side it
+    shares, which is ``gap`` twice the stride here (tested)."""
+    return tuple(separate(region_box(a, size), region_box(b, size), gap) for a, b in layout_names())
 
 
 @dataclass(frozen=True)
@@ -84,7 +148,7 @@ class Sampler:
         background = self._background(rng, excluded, source)
         border_crop = objects == 1 and rng.random() < self.config.border_crop_prob
         size = self.config.image_size
-        regions = ((0, 0, size, size),) if objects == 1 else self._split_regions(rng, size)
+        regions = ((0, 0, size, size),) if objects == 1 else self._two_regions(rng, size)
         plans = tuple(self._object(rng, row, objects == 2) for row in rows)
         return PairPlan(source, background, plans, regions, bool(border_crop))
 
@@ -95,16 +159,26 @@ class Sampler:
         return (int(rng.choice(rows[cats == first])), int(rng.choice(rows[cats == second])))
 
     def _background(self, rng, excluded: set, source: int, tries: int = 100) -> int:
-        """A random image containing none of the ``excluded`` categories (and not the source)."""
+        """A random image with no annotation of the ``excluded`` categories, kept as a segment or not
+        (and not the source)."""
         for _ in range(tries):
             image = int(rng.choice(self.background_ids))
-            if image != source and not (self.bank.categories_of_image(image) & excluded):
+            if image != source and not (self.bank.annotated_categories_of_image(image) & excluded):
                 return image
         raise LookupError(f"no background without categories {sorted(excluded)} found in {tries} tries")
 
+    def _two_regions(self, rng, size: int) -> tuple:
+        """The regions of the first and second object of a two-object pair (``warp.two_object_layout``):
+        a fixed layout drawn uniformly, then which object goes where (a fair coin)."""
+        if self.config.warp.two_object_layout == "cut":
+            return self._split_regions(rng, size)
+        layouts = two_object_layouts(size, self.config.warp.two_object_gap_px)
+        regions = layouts[int(rng.integers(len(layouts)))]
+        return regions[::-1] if rng.random() < 0.5 else regions
+
     def _split_regions(self, rng, size: int) -> tuple:
-        """Two disjoint rectangles: the target cut along a random axis, one grid stride apart."""
-        gap = self.config.stride
+        """Two disjoint rectangles: the target cut along a random axis, ``warp.two_object_gap_px`` apart."""
+        gap = self.config.warp.two_object_gap_px
         cut = int(rng.uniform(0.35, 0.65) * size)
         low, high = cut - gap // 2, cut + (gap - gap // 2)
         if rng.random() < 0.5:
@@ -129,10 +203,3 @@ class Sampler:
             tps_grid=int(rng.choice(warp.tps_grid_sizes)) if use_tps else 0,
             tps_seed=int(rng.integers(2**31)),
         )
-
-
-def objects_for_attempt(rng: np.random.Generator, mode: str) -> int:
-    """1 or 2 objects for this attempt under ``--objects`` mode 1, 2 or mix (half and half)."""
-    if mode == "mix":
-        return 1 if rng.random() < 0.5 else 2
-    return int(mode)
