@@ -103,18 +103,7 @@ class ReleasedGeneratorSteps:
             source, mask = _crop_to_nearest_border(source, mask)
         source = source.resize((size, size), resample=Image.BILINEAR)
         mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), resample=Image.BILINEAR)
-        new_size = (int(size * obj.aspect_x), int(size * obj.aspect_y))
-        patch = source.resize(new_size, resample=Image.BILINEAR)
-        patch_mask = mask.resize(new_size, resample=Image.BILINEAR)
-        patch = patch.rotate(obj.angle_deg, expand=1)
-        patch_mask = patch_mask.rotate(obj.angle_deg, expand=1)
-        ys, xs = np.nonzero(np.array(patch_mask) > 128)
-        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        patch, patch_mask = patch.crop(box), patch_mask.crop(box)
-        scale = min(size / patch.size[0], size / patch.size[1]) * obj.ratio
-        scaled = (max(int(patch.size[0] * scale), 1), max(int(patch.size[1] * scale), 1))
-        patch = np.array(patch.resize(scaled, resample=Image.BILINEAR))
-        patch_mask = np.array(patch_mask.resize(scaled, resample=Image.BILINEAR))
+        patch, patch_mask, warp = _warp_object(source, mask, obj, (0, 0, size, size))
         lap("warp")
 
         height, width = patch_mask.shape
@@ -130,7 +119,7 @@ class ReleasedGeneratorSteps:
         target_mask[y0:y0 + height, x0:x0 + width] = patch_mask
         lap("blend")
 
-        src_to_tgt = _affine_chain(size, new_size, obj.angle_deg, box, scale, (x0, y0))
+        src_to_tgt = np.array([[1.0, 0, x0], [0, 1, y0], [0, 0, 1]]) @ warp  # pasted at (x0, y0)
         # the target's grid mask is unused, as in the released script, which computes it too
         masks = [_grid_mask(np.array(mask), self.cells), _grid_mask(target_mask, self.cells)]
         fields = [self._affine_on_grid(src_to_tgt), self._affine_on_grid(np.linalg.inv(src_to_tgt))]
