@@ -66,7 +66,8 @@ def main():
 
 
 SHARDS_FORMS = ("a shard folder (its manifest.json is checked), its manifest.json, a brace pattern "
-                "('shards/shard-{000000..000099}.tar', quoted) or one .tar file")
+                "('shards/shard-{000000..000099}.tar', quoted) or one .tar file, on disk or by URL "
+                "(https://, s3://, gs://; a folder URL needs its manifest.json)")
 
 
 def _shard_set(shards, option: str | None = "--shards"):
@@ -86,8 +87,8 @@ def _shard_set(shards, option: str | None = "--shards"):
 @main.command(short_help="Train a network on datagen shards (progress bar, TensorBoard, checkpoints, --resume).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True, is_eager=True,
               callback=_apply_preset, expose_value=False,
-              help="Defaults for the options below: 'paper' (the paper's settings, as shown) or 'cpu', a five-minute "
-                   "smoke run on two cores: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+              help="Defaults for the options below: 'paper' (the paper's settings, as shown) or 'cpu', a short "
+                   "smoke run (minutes on two cores): " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                           PRESETS["cpu"].items()) + ". Options you give win.")
 @click.option("--shards", required=True, help=f"Training shards: {SHARDS_FORMS}.")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/transformer"),
