@@ -100,6 +100,17 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def isolated_home(tmp_path: Path, monkeypatch, *env_vars: str) -> Path:
+    """A new HOME in ``tmp_path``, with XDG_CACHE_HOME, TORCH_HOME and ``env_vars`` unset: weights
+    searches see no file of the machine's own caches. Returns the HOME folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CACHE_HOME", "TORCH_HOME", *env_vars):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
 @pytest.fixture(scope="session")
 def bank(tmp_path_factory):
     """The segment bank of the embedded sample (read only)."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import isolated_home
 from official_weights import PicklePayload
 
 from trainer import backbone as bb
@@ -204,12 +205,7 @@ def test_random_warns_and_is_recorded(shared):
 @pytest.fixture
 def clean_env(tmp_path, monkeypatch) -> Path:
     """HOME in tmp_path, no XDG_CACHE_HOME / TORCH_HOME / SEGSWAP_BACKBONE_WEIGHTS."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("XDG_CACHE_HOME", "TORCH_HOME", bb.ENV_VAR):
-        monkeypatch.delenv(name, raising=False)
-    return home
+    return isolated_home(tmp_path, monkeypatch, bb.ENV_VAR)
 
 
 def _touch(path: Path) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import isolated_home
 from official_weights import PicklePayload
 
 from datagen.format.weights import (
@@ -30,12 +31,7 @@ SPEC = WeightsSpec(name="Test network", file_names=("net.pth", "net_converted.pt
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """HOME in tmp_path; no XDG_CACHE_HOME, TORCH_HOME or the spec's variable."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("XDG_CACHE_HOME", "TORCH_HOME", SPEC.env_var):
-        monkeypatch.delenv(name, raising=False)
-    return home
+    return isolated_home(tmp_path, monkeypatch, SPEC.env_var)
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
