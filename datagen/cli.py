@@ -588,11 +588,12 @@ def pull(url, folder, no_progress):
     last, and only when all match, so a folder with a manifest holds a checked set. Exit 1 when a
     shard differs (it is named).
     """
+    from datagen.runner.lock import LockedError
     from datagen.share import pull as run_pull
 
     try:
         report = run_pull(url, folder, progress=not no_progress)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, LockedError) as error:
         _fail(error)
     for problem in report.problems:
         click.echo(f"BAD {problem}")

@@ -97,11 +97,20 @@ def _download(url: str, local: Path, bar) -> tuple[str, int]:
 
 def pull(url: str, folder, progress: bool = True) -> TransferReport:
     """Download the set at ``url`` into ``folder`` and check every shard's sha256 as it arrives;
-    the manifest is written last, and only when every shard matches (a rerun fetches again)."""
+    the manifest is written last, and only when every shard matches (a rerun fetches again).
+    ``folder`` is locked for the pull (its ``.build.lock``, as a build's): a second pull or a
+    build into it stops at once naming this one (:class:`~datagen.runner.lock.LockedError`)."""
+    from datagen.runner.lock import OutputLock
+
     found = _whole_set(url)
+    folder = Path(folder)
+    with OutputLock(folder, "datagen pull", option="FOLDER"):
+        return _pull_locked(url, found, folder, progress)
+
+
+def _pull_locked(url: str, found: ShardSet, folder: Path, progress: bool) -> TransferReport:
     manifest_url = str(found.manifest_path)
     base = manifest_url.rsplit("/", 1)[0]
-    folder = Path(folder)
     if (folder / MANIFEST_NAME).is_file():
         present = load_manifest(folder / MANIFEST_NAME)
         if present.get("fingerprint") != found.fingerprint:

@@ -278,3 +278,20 @@ def test_trainer_fit_streams_a_published_set_from_s3(reference, s3, tmp_path):
     manifest = json.loads((reference / "manifest.json").read_text())
     assert record["dataset_fingerprint"] == manifest["fingerprint"] and record["shards"] == url
     assert (run / "checkpoint.pt").is_file()
+
+
+def test_a_second_pull_into_a_folder_being_pulled_stops_naming_the_first(reference, s3, tmp_path):
+    """Two pulls into one folder would write the same temporary files: the folder is locked."""
+    from datagen.runner.lock import OutputLock
+
+    url = f"{s3}/twice"
+    make_runner().invoke(datagen_main, ["publish", str(reference), url, "--catalog", str(tmp_path / "cat"),
+                                        "--no-progress"])
+    pulled = tmp_path / "pulled"
+    with OutputLock(pulled, "datagen pull", option="FOLDER"):
+        result = make_runner().invoke(datagen_main, ["pull", url, str(pulled), "--no-progress"])
+    assert result.exit_code == 1 and "is being written by" in all_output(result) and "datagen pull" in \
+        all_output(result), all_output(result)
+    assert not list(pulled.glob("shard-*"))
+    result = make_runner().invoke(datagen_main, ["pull", url, str(pulled), "--no-progress"])
+    assert result.exit_code == 0, all_output(result)
