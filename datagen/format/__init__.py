@@ -19,4 +19,6 @@ And the few utilities both halves need, each in one place:
 - :mod:`~datagen.format.registry`  named registries (networks, style methods, segment sources)
 - :mod:`~datagen.format.weights`   finding and reading weights files: one search order for every network
 - :mod:`~datagen.format.device`    "auto", "cpu", "cuda:1" -> a torch device, with clear errors
+- :mod:`~datagen.format.storage`   paths and URLs (http(s), s3, gs) read through fsspec
+- :mod:`~datagen.format.locking`   an exclusive lock on a folder (flock) that names its holder
 """

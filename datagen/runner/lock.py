@@ -31,75 +31,23 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock (Windows builds are not supported for concurrent use)
-    fcntl = None
+from datagen.format.locking import FolderLock, LockedError, describe, holder_record
 
 LOCK_NAME = ".build.lock"
 PARENT_POLL_SECONDS = 0.2
 
-
-class LockedError(RuntimeError):
-    """Another process holds the output folder's lock; the message names it."""
-
-
-def _holder(path: Path) -> str:
-    try:
-        record = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return "another process (its record is unreadable)"
-    return _describe(record)
+_describe = describe
+_record = holder_record
 
 
-def _describe(record) -> str:
-    """Who holds a lock, from its record (pid, host, command, start time, work folder)."""
-    if not isinstance(record, dict):
-        return "another process (its record is unreadable)"
-    work = f" (work folder {record['work']})" if record.get("work") else ""
-    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')}, running "
-            f"{record.get('command', 'a build')} since {record.get('started', '?')}{work}")
-
-
-def _record(command: str, **extra) -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), **extra}
-
-
-class OutputLock:
+class OutputLock(FolderLock):
     """``with OutputLock(out, "datagen build"):`` holds ``out/.build.lock`` exclusively, or raises
     :class:`LockedError` at once naming the holder. The lock file stays; the lock goes with the
-    process. ``option``: the command-line option that names the folder, for the message."""
+    process. ``option``: the command-line option that names the folder, for the message.
+    (The flock itself is :class:`datagen.format.locking.FolderLock`'s.)"""
 
     def __init__(self, out_dir, command: str = "a build", option: str = "--out"):
-        self.path = Path(out_dir) / LOCK_NAME
-        self.command, self.option = command, option
-        self._fd: int | None = None
-
-    def __enter__(self) -> OutputLock:
-        if fcntl is None:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockedError(f"{self.path.parent} is being written by {_holder(self.path)}; wait for it to "
-                              f"finish, or use another {self.option}") from None
-        except OSError:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(_record(self.command)) + "\n").encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-        return False
+        super().__init__(out_dir, command, option=option, name=LOCK_NAME)
 
 
 STORE_LOCK_BYTES = 1 << 16
