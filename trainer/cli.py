@@ -357,5 +357,275 @@ def predict(image_a, image_b, checkpoint, out_dir, n_lines, device):
                f"{result['mask_mean'][0]:.3f} / {result['mask_mean'][1]:.3f}; written to {out_dir}")
 
 
+@main.command("import-released", short_help="Convert the authors' released network into a trainer checkpoint.")
+@click.argument("released", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(["tiny", "small", "base", "large"]), default="small", show_default=True,
+              help="The authors' model size the file was trained with (their --mode; the paper's model is 'small').")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Attention heads, when the file is not one of the --mode sizes (shapes cannot tell them).")
+@click.option("--layer-type", default="ICICIN", show_default=True,
+              help="The authors' --layer-type: I (attention within an image), C (across images), N (none), two per "
+                   "block.")
+@click.option("--image-size", type=click.IntRange(min=16), default=480, show_default=True,
+              help="Image size recorded in the checkpoint (the size 'predict' and 'eval' resize to; retrieval "
+                   "takes its own --size).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def import_released(released, out, mode, heads, layer_type, image_size, force):
+    """Convert RELEASED, the authors' released cross-image transformer (their
+    hard_mining_neg5.pth: MoCo-v2 backbone and encoder), into the trainer checkpoint OUT, so that
+    predict, eval, retrieve and the benchmarks run with the paper's trained network. Every key of
+    the file is mapped and none is left over; the file is read weights-only. Example:
+
+      trainer import-released model/hard_mining_neg5.pth runs/released.pt
+    """
+    from .released import ReleasedCheckpointError
+    from .released import import_released as run_import
+
+    try:
+        summary = run_import(released, out, mode=mode, layer_type=layer_type, image_size=image_size, heads=heads,
+                             force=force)
+    except (ReleasedCheckpointError, ValueError, OSError) as error:
+        _fail(error)
+    summary.pop("mapping", None)
+    click.echo(json.dumps(summary, indent=2, default=str))
+    click.echo(f"written to {out}")
+
+
+# -- retrieval ---------------------------------------------------------------------------------
+
+def _resolution(ctx, param, value):
+    from .retrieval.engine import Resolution
+
+    if value is None:
+        return None
+    try:
+        return Resolution.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _scoring_options(default_size: str, default_box_side: int | None):
+    """Options shared by ``retrieve`` and the benchmarks: resolution, score, batching, cache, pictures."""
+    def decorate(command):
+        options = [
+            click.option("--size", "resolution", default=default_size, show_default=True, callback=_resolution,
+                         help="Resolution the network sees: N (square) or WxH, multiples of 16. Database images are "
+                              "resized to it, aspect ratio not kept, as the authors do (the paper: 640 for Brueghel, "
+                              "640x480 for place recognition)."),
+            click.option("--box-side", type=click.IntRange(min=0), default=default_box_side or 0, show_default=True,
+                         help="For a query with a box: rescale the query so the box's longer side is this many "
+                              "pixels, then cut a window of --size around it (the authors' Brueghel protocol: 64). "
+                              "0: the query image is prepared like a database image (the box scaled with it)."),
+            click.option("--score", type=click.Choice(["eq3", "released"]), default="eq3", show_default=True,
+                         help="'eq3': the paper's Eq. 3 (query mask x region x candidate mask at the correspondence "
+                              "x feature cosine, summed over query cells). 'released': the authors' evaluation code "
+                              "(query region made consistent with the query's prediction on itself, correspondences "
+                              "rounded to cells, each candidate cell counted once), to compare with their numbers."),
+            click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+                         help="Pairs per forward pass (and images per backbone pass)."),
+            click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP),
+            click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                         default=Path("~/.cache/segswap/features"), show_default=True,
+                         help="Folder of the feature cache: float16 backbone features of each database image, "
+                              "memory-mapped, reused by runs with the same backbone weights and --size, resumed "
+                              "after an interruption (about 3.3 MB per image at 640)."),
+            click.option("--pictures", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Draw each query beside its best N matches, under heat maps of the predicted masks, "
+                              "into OUT/pictures/ (0: none)."),
+            click.option("--no-progress", is_flag=True, help="Hide the progress bars."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _retrieve_options(resolution, box_side, score, batch, cache_dir, pictures, no_progress, **extra):
+    from .retrieval.rank import RetrieveOptions
+
+    return RetrieveOptions(resolution=resolution, box_side=box_side or None, score=score, batch=batch,
+                           cache_dir=cache_dir.expanduser(), pictures=pictures, progress=not no_progress, **extra)
+
+
+def _retrieval_errors():
+    return (*_inference_errors(), OSError)
+
+
+def _report_run(run: dict, out_dir: Path) -> None:
+    features = run.get("features") or {}
+    rate = run.get("pairs_per_second")
+    click.echo(f"{run['queries_scored']} of {run['queries']} queries scored against {run['database_images']} "
+               f"database images ({run['pairs_scored']} pairs, {rate:.1f} pairs/s on {run['device']}); features: "
+               f"{features.get('computed', 0)} computed, {features.get('reused', 0)} reused from the cache"
+               if rate else f"{run['queries_scored']} of {run['queries']} queries scored")
+    for name, reason in list(run.get("set_aside", {}).items()) + list(run.get("queries_set_aside", {}).items()):
+        click.echo(f"set aside: {name}: {reason}", err=True)
+    click.echo(f"written to {out_dir}")
+
+
+@main.command(short_help="Rank database images for each query with a trained network (Eq. 3).")
+@click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True, help="Checkpoint written by 'trainer fit'.")
+@click.option("--database", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of database images (sub-folders too); candidates are named by their path in it.")
+@click.option("--queries", type=click.Path(exists=True, path_type=Path), required=True,
+              help="A folder (each image is a whole-image query), or a CSV file with a header "
+                   "image[,x1,y1,x2,y2][,name] or a JSON list of {\"image\", \"box\", \"name\"}: a query with a box "
+                   "looks for that region (the region mask is the box's cells).")
+@click.option("--query-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder the images of a CSV/JSON --queries file are in. Default: that file's folder.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: ranking.parquet (query, candidate, score, rank), run.json, pictures/.")
+@click.option("--candidates", type=click.Choice(["all", "first-stage"]), default="all", show_default=True,
+              help="'all': every database image but the query's own file. 'first-stage': the --first-stage-k "
+                   "nearest by a global descriptor of the frozen backbone (mean of its normalised features, "
+                   "cosine), then re-ranked. --shortlists wins over both.")
+@click.option("--first-stage-k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Candidates the first stage keeps per query.")
+@click.option("--shortlists", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Each query's candidates, re-ranked: CSV or parquet with columns query, candidate and rank or "
+                   "score; or a (Q, K) .npy of database indices (sorted names) in the order of the queries.")
+@click.option("--keep", type=click.IntRange(min=1), default=None,
+              help="Rows kept per query in ranking.parquet. Default: every candidate.")
+@_scoring_options("640", None)
+def retrieve(checkpoint, database, queries, query_images, out_dir, candidates, first_stage_k, shortlists, keep,
+             resolution, box_side, score, batch, device, cache_dir, pictures, no_progress):
+    """Score every query against its candidates with a trained network and rank them.
+
+    Backbone features of the database are computed once and cached (--cache-dir); pairs are
+    scored in batches on the GPU when there is one. Example:
+
+      trainer retrieve --ckpt runs/transformer/checkpoint.pt --database photos/ --queries details.csv
+      --out runs/retrieval --pictures 5
+    """
+    from .retrieval.datasets import read_shortlists
+    from .retrieval.images import list_images
+    from .retrieval.rank import read_queries
+    from .retrieval.rank import retrieve as run_retrieve
+
+    try:
+        query_list, query_dir = read_queries(queries, query_images)
+        lists = None
+        if shortlists is not None:
+            lists = read_shortlists(shortlists, [q.name for q in query_list], list_images(database))
+        options = _retrieve_options(resolution, box_side, score, batch, cache_dir, pictures, no_progress,
+                                    candidates=candidates, first_stage_k=first_stage_k, keep=keep)
+        run = run_retrieve(checkpoint, database, query_list, query_dir, out_dir, options, shortlists=lists,
+                           device=device)
+    except _retrieval_errors() as error:
+        _fail(error)
+    _report_run(run, out_dir)
+
+
+@main.group("bench-retrieval", short_help="The paper's retrieval benchmarks: Brueghel (Table 1), places (Table 2).")
+def bench_retrieval():
+    """The paper's retrieval benchmarks, on the datasets' own files."""
+
+
+@bench_retrieval.command("brueghel", short_help="One-shot detail retrieval on Brueghel: mAP per category (Table 1).")
+@click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True, help="Checkpoint written by 'trainer fit'.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="brueghelVal.json or brueghelTest.json ({category: [{query: [image, box], gt: [[image, box]]}]}), "
+                   "or the retrieval.json of 'trainer retrieval-set'.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The folder of the dataset's images: all of them are the database.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: results.json (AP per query, mAP per category and overall), ranking.parquet.")
+@click.option("--detection", is_flag=True,
+              help="Also score detection: a ground-truth image counts only where the box around the predicted "
+                   "region overlaps one of its boxes with IoU > --iou.")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="IoU threshold of --detection.")
+@_scoring_options("640", 64)
+def bench_brueghel(checkpoint, annotations, images, out_dir, detection, iou, resolution, box_side, score, batch,
+                   device, cache_dir, pictures, no_progress):
+    """Brueghel one-shot detail retrieval (paper Table 1): each query box ranks every other image;
+    AP per query, mAP per category and the mean over categories. Example:
+
+      trainer bench-retrieval brueghel --ckpt released.pt --annotations Brueghel/brueghelTest.json
+      --images Brueghel/Image --out runs/brueghel-test
+    """
+    from .retrieval.protocols import brueghel_benchmark
+
+    options = _retrieve_options(resolution, box_side, score, batch, cache_dir, pictures, no_progress)
+    try:
+        result = brueghel_benchmark(checkpoint, annotations, images, out_dir, options, detection=detection,
+                                    iou_threshold=iou, device=device)
+    except _retrieval_errors() as error:
+        _fail(error)
+    width = max(len(c) for c in result["per_category"]) if result["per_category"] else 8
+    for category, value in result["per_category"].items():
+        line = f"{category:<{width}}  mAP {value:.4f}"
+        if detection:
+            line += f"  detection mAP {result['detection']['per_category'][category]:.4f}"
+        click.echo(line)
+    click.echo(f"{'mean':<{width}}  mAP {result['mean']:.4f}" + (f"  detection mAP {result['detection']['mean']:.4f}"
+                                                               if detection else "")
+               + f"  ({result['queries']} queries)")
+    _report_run(result["run"], out_dir)
+
+
+@bench_retrieval.command("places", short_help="Place recognition: R@1/5/10 after re-ranking short-lists (Table 2).")
+@click.option("--ckpt", "checkpoint", type=_CKPT_TYPE, required=True, help="Checkpoint written by 'trainer fit'.")
+@click.option("--mat", "mat_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="NetVLAD's dbStruct file: pitts30k_test.mat or tokyo247.mat (image lists and UTM positions).")
+@click.option("--queries", "query_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder the query images (qImage paths) are in.")
+@click.option("--database", "database_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Folder the database images (dbImage paths) are in.")
+@click.option("--shortlists", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Each query's candidates from a global descriptor (the paper: Patch-NetVLAD's top 100): a (Q, K) "
+                   ".npy of database indices, or CSV/parquet with query, candidate, rank or score.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: results.json (recall before and after re-ranking), ranking.parquet.")
+@click.option("--top", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Candidates re-ranked per query.")
+@click.option("--nms/--no-nms", default=None,
+              help="Spatial non-maximum suppression of the rankings (database images of one place count once). "
+                   "Default: on for Tokyo 24/7 (a --mat whose name has 'tokyo'), as in the standard protocol.")
+@_scoring_options("640x480", None)
+def bench_places(checkpoint, mat_file, query_dir, database_dir, shortlists, out_dir, top, nms, resolution, box_side,
+                 score, batch, device, cache_dir, pictures, no_progress):
+    """Place recognition (paper Table 2): re-rank each query's short-list with the pair score;
+    R@1/5/10/100 within the file's distance threshold (25 m), before and after. Example:
+
+      trainer bench-retrieval places --ckpt released.pt --mat tokyo247.mat --queries Tokyo247/query
+      --database Tokyo247/database --shortlists top100_patchVlad_idx.npy --out runs/tokyo
+    """
+    from .retrieval.protocols import places_benchmark
+
+    options = _retrieve_options(resolution, box_side, score, batch, cache_dir, pictures, no_progress)
+    try:
+        result = places_benchmark(checkpoint, mat_file, query_dir, database_dir, shortlists, out_dir, options,
+                                  top=top, nms=nms, device=device)
+    except _retrieval_errors() as error:
+        _fail(error)
+    for name, recall in result["recall"].items():
+        click.echo(f"{name:<14} " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items()))
+    _report_run(result["run"], out_dir)
+
+
+@main.command("retrieval-set", short_help="Write a small retrieval benchmark from held-out shards.")
+@click.option("--shards", required=True, help=f"Held-out shards: {SHARDS_FORMS}.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: images/ and retrieval.json (Brueghel's format).")
+@click.option("--n", type=click.IntRange(min=1), default=50, show_default=True, help="Queries (samples) to write.")
+def retrieval_set(shards, out_dir, n):
+    """Turn the first N samples of held-out shards into a retrieval benchmark whose answers are
+    known: each sample's source (with the box of its object) is a query, its target the only
+    image to find among all the others. Run it with 'trainer bench-retrieval brueghel
+    --annotations OUT/retrieval.json --images OUT/images', or use it for 'fit --val-retrieval'.
+    """
+    from .retrieval.synthetic_set import write_retrieval_set
+
+    _shard_set(shards)
+    try:
+        summary = write_retrieval_set(shards, out_dir, n)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    click.echo(f"{summary['queries']} queries in {summary['categories']} categories, {summary['images']} images "
+               f"({summary['skipped']} samples skipped) written to {out_dir}")
+
+
 if __name__ == "__main__":
     main()
