@@ -235,6 +235,83 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
         click.echo(f"stopped at step {metrics.get('step', '?')}: {summary}; checkpoint {run_dir / 'checkpoint.pt'}")
 
 
+@main.command("hard-negatives", short_help="The paper's second stage: fine-tune a checkpoint with mined hard "
+                                           "negatives.")
+@click.option("--from", "parent", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint of the main stage ('trainer fit'): its network, backbone and settings are the start.")
+@click.option("--shards", required=True, help=f"Training shards: {SHARDS_FORMS}.")
+@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run directory of the stage: checkpoint.pt (records the stage and its parent), metrics.csv, "
+                   "tensorboard/, run.json. Not the parent's folder.")
+@click.option("--pool", type=click.IntRange(min=2), default=500, show_default=True,
+              help="Images in the mining pool, each from a distinct synthetic pair.")
+@click.option("--tau", type=click.FloatRange(0, 2, max_open=True), default=0.04, show_default=True,
+              help="A pool pair is a hard negative when the mean of one image's predicted mask plus the other's "
+                   "exceeds this (the authors' criterion).")
+@click.option("--renew-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Steps between renewals of the pool (new images, mined again with the network as it is).")
+@click.option("--steps", type=click.IntRange(min=1), default=5000, show_default=True, help="Steps of the stage.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Adam's learning rate, constant.")
+@click.option("--per-step", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Hard negative pairs added to each step's positives and negatives, drawn among the passing pairs "
+                   "with probability proportional to their score.")
+@click.option("--ordered-pairs", is_flag=True,
+              help="Mine both orders of each pool pair (the authors score each unordered pair once).")
+@click.option("--mining-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Pool pairs per forward pass while mining.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Data loader worker processes (0: load in the main process).")
+@click.option("--device", default="auto", show_default=True, help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Write checkpoint.pt every this many steps (and on Ctrl-C / SIGTERM).")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Metrics (CSV and TensorBoard) every this many steps.")
+@click.option("--image-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="A picture of predicted masks and correspondences in TensorBoard every this many steps.")
+@click.option("--verify-shards/--no-verify-shards", default=None,
+              help="Check each shard's sha256 against its manifest before reading it (as 'fit').")
+@click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same stage settings and parent).")
+@click.option("--force", is_flag=True, help="With --resume: accept another stage config or a changed parent.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+def hard_negatives(parent, shards, run_dir, pool, tau, renew_every, steps, lr, per_step, ordered_pairs, mining_batch,
+                   workers, device, checkpoint_every, log_every, image_every, verify_shards, resume, force,
+                   no_progress):
+    """Fine-tune a main-stage checkpoint with hard negatives (paper section 3.2): every
+    --renew-every steps a pool of --pool images from distinct synthetic pairs is drawn, the
+    network predicts masks for all pairs of the pool, and the pairs whose masks pass --tau are
+    added, --per-step at a time, to the usual positives and negatives (both masks pushed to 0).
+    The paper: 5k steps at 1e-5 after 200k. Runs under torchrun like 'fit'. Example:
+
+      trainer hard-negatives --from runs/transformer/checkpoint.pt --shards shards/coco --out runs/hard
+    """
+    import warnings
+
+    from .hardneg import HardNegativeConfig, fit_hard_negatives
+    from .loop import FitOptions, ResumeError
+
+    try:
+        config = HardNegativeConfig(pool=pool, tau=tau, renew_every=renew_every, steps=steps, lr=lr,
+                                    per_step=per_step, ordered_pairs=ordered_pairs).validate()
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    _shard_set(shards)
+    options = FitOptions(run_dir=run_dir, device=device, workers=workers, checkpoint_every=checkpoint_every,
+                         log_every=log_every, image_every=image_every, resume=resume, force=force,
+                         progress=not no_progress, verify_shards=verify_shards)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the backbone keeps its RANDOM")
+            metrics = fit_hard_negatives(parent, shards, config, options, mining_batch=mining_batch)
+    except (ResumeError, FileNotFoundError, ValueError, RuntimeError) as error:
+        if not _rank_zero():
+            sys.exit(1)
+        _fail(error)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step")
+    if _rank_zero():
+        click.echo(f"stopped at step {metrics.get('step', '?')}: {summary}; checkpoint {run_dir / 'checkpoint.pt'}")
+
+
 @main.command(short_help="Read every sample through the trainer's reader and print counts.")
 @click.argument("shards")
 def inspect(shards):

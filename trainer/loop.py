@@ -8,6 +8,9 @@ Several processes (``torchrun --nproc_per_node=N -m trainer fit ...``, on one ma
 train one network together with DistributedDataParallel: each rank takes its own P + N pairs
 per step from its own share of the shards, the gradients are averaged across ranks, and rank 0
 alone writes the run folder. See :class:`Trainer`.
+
+The hard-negative stage that follows (:mod:`trainer.hardneg`) runs through the same loop, with a
+few more negative pairs per step (``extra_negatives`` of :meth:`Trainer.train_step`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from .models import build_model
 
 CHECKPOINT_FORMAT = 1
 METRICS = ("step", "loss", "mask_bce", "corr_l1", "acc", "acc_pos", "acc_neg", "lr", "steps_per_s", "skipped")
+FeaturePairs = tuple[torch.Tensor, torch.Tensor]
+"""Backbone features of the sources and of the targets of K pairs: (K, C, h, w) each."""
 REPEATED_SIGNAL_S = 2.0
 """In a multi-process run, a second signal this soon after the first is the same request
 delivered twice (a batch system signals every process of a job, and torchrun forwards the one
@@ -184,6 +189,9 @@ class Trainer:
       after each step), and rank 0 writes the checkpoint.
     """
 
+    metric_names: tuple = METRICS
+    """The columns of metrics.csv."""
+
     def __init__(self, config: TrainConfig, shards, options: FitOptions):
         self.config = config.validate()
         self.shards = shards
@@ -210,7 +218,7 @@ class Trainer:
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         torch.manual_seed(config.seed)  # a random backbone is the same for the same seed
         self.backbone = Backbone().to(self.device)
-        self.backbone_record = load_backbone_weights(self.backbone, options.backbone_weights)
+        self.backbone_record = self._load_backbone()
         self.model = initial_model(config).to(self.device)
         """The network itself: what checkpoints hold and pictures are drawn with."""
         self.net = self.model
@@ -227,6 +235,12 @@ class Trainer:
         self.fingerprint = dataset_fingerprint(shards)
         self.stop_requested = False
         self._signalled_at = 0.0
+
+    def _load_backbone(self) -> dict:
+        """Load the frozen backbone's weights (``options.backbone_weights``); their record
+        ``{"source", "format", "sha256"}``. A stage that starts from a checkpoint takes its
+        backbone from there instead (:mod:`trainer.hardneg`)."""
+        return load_backbone_weights(self.backbone, self.options.backbone_weights)
 
     def _join_process_group(self) -> None:
         """Initialise the process group from the launcher's environment (MASTER_ADDR, MASTER_PORT):
@@ -261,15 +275,23 @@ class Trainer:
         """bf16 autocast on CUDA; nothing on the CPU."""
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def forward(self, batch: dict) -> tuple[dict, tuple]:
-        """Loss dict and the positives' outputs (src_out, tgt_out) of one batch."""
+    def forward(self, batch: dict, extra_negatives: FeaturePairs | None = None) -> tuple[dict, tuple]:
+        """Loss dict and the positives' outputs (src_out, tgt_out) of one batch.
+
+        ``extra_negatives``: backbone features (K, C, h, w) of the sources and of the targets of K
+        more negative pairs (the hard negatives of :mod:`trainer.hardneg`), run together with the
+        batch's own negatives and supervised as they are (both predicted masks towards 0)."""
         to = lambda name: batch[name].to(self.device, non_blocking=True)  # noqa: E731
         src_feat, tgt_feat = self.features(batch["src_image"]), self.features(batch["tgt_image"])
+        neg_src_feat, neg_tgt_feat = src_feat[self.neg_src], tgt_feat[self.neg_tgt]
+        if extra_negatives is not None:
+            neg_src_feat = torch.cat([neg_src_feat, extra_negatives[0].to(self.device, neg_src_feat.dtype)])
+            neg_tgt_feat = torch.cat([neg_tgt_feat, extra_negatives[1].to(self.device, neg_tgt_feat.dtype)])
         with self.autocast():
             src_out, tgt_out = self.net(src_feat, tgt_feat, None, to("tgt_hide"))
             neg_src_out = neg_tgt_out = None
-            if len(self.neg_src):
-                neg_src_out, neg_tgt_out = self.net(src_feat[self.neg_src], tgt_feat[self.neg_tgt])
+            if len(neg_src_feat):
+                neg_src_out, neg_tgt_out = self.net(neg_src_feat, neg_tgt_feat)
         truth = PairBatch(src_mask=to("src_mask"), tgt_mask=to("tgt_mask"),
                           src_to_tgt=to("src_to_tgt"), tgt_to_src=to("tgt_to_src"))
         outs = [o.float() if o is not None else None for o in (src_out, tgt_out, neg_src_out, neg_tgt_out)]
@@ -277,9 +299,10 @@ class Trainer:
                            transported_mask_loss=self.config.transported_mask_loss)
         return losses, (outs[0], outs[1])
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict, extra_negatives: FeaturePairs | None = None) -> dict:
+        """One optimiser step on ``batch`` (and ``extra_negatives``, see :meth:`forward`)."""
         self.net.train()
-        losses, _ = self.forward(batch)
+        losses, _ = self.forward(batch, extra_negatives)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -306,8 +329,13 @@ class Trainer:
             "backbone": self.backbone_record,
             "backbone_state": self.backbone.state_dict(),
             "rng": rng_state(),
+            **self._checkpoint_extra(),
         }, self.checkpoint_path)
         return self.checkpoint_path
+
+    def _checkpoint_extra(self) -> dict:
+        """More entries of checkpoint.pt (a later stage's record, :mod:`trainer.hardneg`); none here."""
+        return {}
 
     def restore(self, path: Path, force: bool = False) -> None:
         """Continue from ``path``: model, optimiser, schedule, step and random state. Refuses a
@@ -317,18 +345,29 @@ class Trainer:
     def _checked_state(self, path: Path, force: bool) -> dict:
         """What :meth:`restore` takes from ``path``, after checking that it belongs to this run."""
         state = load_checkpoint(path)
+        problems = self._resume_problems(state)
+        if problems and not force:
+            raise ResumeError(f"{path}: " + "; ".join(problems) + " (use --force to resume anyway)")
+        try:
+            resumed = {name: state[name] for name in ("model", "optimizer", "scheduler", "step", "rng")}
+        except KeyError as error:
+            raise ResumeError(f"{path}: not a trainer checkpoint (no {error})") from error
+        return {**resumed, **self._resumed_extra(state)}
+
+    def _resume_problems(self, state: dict) -> list[str]:
+        """Why checkpoint ``state`` does not belong to this run (empty when it does)."""
         problems = []
         if state.get("config_hash") != config_hash(self.config):
             problems.append("its training config differs from this run's")
         if state.get("dataset_fingerprint") != self.fingerprint:
             problems.append(f"it was trained on data {str(state.get('dataset_fingerprint'))[:12]}, "
                             f"these shards are {str(self.fingerprint)[:12]}")
-        if problems and not force:
-            raise ResumeError(f"{path}: " + "; ".join(problems) + " (use --force to resume anyway)")
-        try:
-            return {name: state[name] for name in ("model", "optimizer", "scheduler", "step", "rng")}
-        except KeyError as error:
-            raise ResumeError(f"{path}: not a trainer checkpoint (no {error})") from error
+        return problems
+
+    def _resumed_extra(self, state: dict) -> dict:
+        """The entries of :meth:`_checkpoint_extra` that a resume takes back from checkpoint ``state``
+        (sent to every rank with the rest, given to :meth:`_apply_state`); none here."""
+        return {}
 
     def _apply_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -347,15 +386,19 @@ class Trainer:
         fingerprint), from which backbone weights, the step it starts at (0, or where a resume
         picks up), and on how many ranks (each takes the config's positives and negatives per
         step)."""
+        path = self.run_dir / "run.json"
+        return atomic_write_bytes(path, (json.dumps(self._run_record(), indent=2, sort_keys=True, default=str)
+                                         + "\n").encode())
+
+    def _run_record(self) -> dict:
+        """What :meth:`write_run_record` writes."""
         import datagen
 
-        record = {"config": self.config.to_dict(), "config_hash": config_hash(self.config), "shards": str(self.shards),
-                  "dataset_fingerprint": self.fingerprint, "backbone": self.backbone_record,
-                  "start_step": self.step, "device": str(self.device), "world_size": self.world_size,
-                  "segswap_version": datagen.__version__,
-                  "shards_checked": self.options.verify_shards is not False}
-        path = self.run_dir / "run.json"
-        return atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+        return {"config": self.config.to_dict(), "config_hash": config_hash(self.config), "shards": str(self.shards),
+                "dataset_fingerprint": self.fingerprint, "backbone": self.backbone_record,
+                "start_step": self.step, "device": str(self.device), "world_size": self.world_size,
+                "segswap_version": datagen.__version__,
+                "shards_checked": self.options.verify_shards is not False}
 
     def _on_signal(self, signum, frame):
         now = time.monotonic()
@@ -391,7 +434,7 @@ class Trainer:
                 loader = self._loader()
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.write_run_record()
-                logger = MetricsLogger(self.run_dir, resume=options.resume)
+                logger = MetricsLogger(self.run_dir, resume=options.resume, fields=self.metric_names)
             except Exception as error:
                 if not self.distributed:
                     raise
@@ -525,13 +568,13 @@ def load_for_inference(path, device: str = "auto") -> Inference:
 
 
 class MetricsLogger:
-    """metrics.csv (appended on resume) and TensorBoard scalars and image grids."""
+    """metrics.csv (appended on resume; columns ``fields``) and TensorBoard scalars and image grids."""
 
-    def __init__(self, run_dir: Path, resume: bool):
+    def __init__(self, run_dir: Path, resume: bool, fields: tuple = METRICS):
         self.csv_path = run_dir / "metrics.csv"
         fresh = not (resume and self.csv_path.is_file())
         self.csv_file = open(self.csv_path, "w" if fresh else "a", newline="")
-        self.csv = csv.DictWriter(self.csv_file, fieldnames=METRICS, extrasaction="ignore")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=fields, extrasaction="ignore")
         if fresh:
             self.csv.writeheader()
         try:
