@@ -175,6 +175,15 @@ def _shard_set(shards, option: str | None = "--shards"):
                    "shard whose bytes differ is skipped with a warning naming it. Default: the shards a manifest "
                    "beside them lists, with a warning naming the others; --verify-shards: every shard (an error "
                    "if one is not listed); --no-verify-shards: none (saves one read of each shard).")
+@click.option("--val-retrieval", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Model selection: a retrieval benchmark in Brueghel's format (the retrieval.json of 'trainer "
+                   "retrieval-set' on held-out shards, or brueghelVal.json) scored every --val-every steps (mAP, "
+                   "Eq. 3, at --image-size); written to validation.csv and TensorBoard, and the best step's "
+                   "checkpoint kept as best.pt beside checkpoint.pt.")
+@click.option("--val-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The images of --val-retrieval. Default: the 'images' folder beside it.")
+@click.option("--val-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Steps between two scorings of --val-retrieval.")
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same config and data).")
 @click.option("--force", is_flag=True, help="With --resume: accept a checkpoint of another config or data set.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -182,7 +191,7 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
         mask_loss, transported_mask_loss, train_tps_prob, train_tps_jitter, train_tps_grid_sizes, layers, d_model,
         heads, feedforward, ncnet_k, ncnet_kernel_sizes, ncnet_channels, ncnet_symmetric, ncnet_temperature,
         shuffle_buffer, seed, workers, device, backbone_weights, checkpoint_every, log_every, image_every,
-        verify_shards, resume, force, no_progress):
+        verify_shards, val_retrieval, val_images, val_every, resume, force, no_progress):
     """Train a network on datagen shards (paper section 3.2, Eq. 2).
 
     The options and --shards are checked first; run.json (the resolved config, data and backbone
@@ -205,6 +214,14 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     _shard_set(shards)
+    validation = None
+    if val_retrieval is not None:
+        from .selection import RetrievalValidation
+
+        try:
+            validation = RetrievalValidation.from_options(val_retrieval, val_images, val_every)
+        except (ValueError, OSError) as error:
+            raise click.BadParameter(str(error), param_hint="--val-retrieval") from error
 
     import warnings
 
@@ -221,7 +238,8 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
                    "smoke tests only and is recorded as such in run.json and the checkpoint.", err=True)
     options = FitOptions(run_dir=run_dir, device=device, workers=workers, checkpoint_every=checkpoint_every,
                          log_every=log_every, image_every=image_every, resume=resume, force=force,
-                         backbone_weights=weights, progress=not no_progress, verify_shards=verify_shards)
+                         backbone_weights=weights, progress=not no_progress, verify_shards=verify_shards,
+                         validation=validation)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the backbone keeps its RANDOM")  # said above, once

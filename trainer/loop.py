@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -160,6 +160,9 @@ class FitOptions:
     """Check each shard's sha256 against its manifest before reading it (a shard that differs is
     skipped with a warning): None, the shards a manifest lists; True, every shard (an error if one
     is not listed); False, none."""
+    validation: Any = None
+    """A :class:`trainer.selection.RetrievalValidation`: score it every ``every`` steps (rank 0),
+    keep ``best.pt``; None: no validation."""
 
 
 class Trainer:
@@ -234,6 +237,8 @@ class Trainer:
         self.neg_src, self.neg_tgt = negative_pairs(config.positives, config.negatives)
         self.fingerprint = dataset_fingerprint(shards)
         self.stop_requested = False
+        self.validation_best: dict | None = None
+        """The best validation mAP so far and its step (``{"value", "step"}``), kept in checkpoints."""
         self._signalled_at = 0.0
 
     def _load_backbone(self) -> dict:
@@ -329,6 +334,7 @@ class Trainer:
             "backbone": self.backbone_record,
             "backbone_state": self.backbone.state_dict(),
             "rng": rng_state(),
+            "validation_best": self.validation_best,
             **self._checkpoint_extra(),
         }, self.checkpoint_path)
         return self.checkpoint_path
@@ -352,7 +358,7 @@ class Trainer:
             resumed = {name: state[name] for name in ("model", "optimizer", "scheduler", "step", "rng")}
         except KeyError as error:
             raise ResumeError(f"{path}: not a trainer checkpoint (no {error})") from error
-        return {**resumed, **self._resumed_extra(state)}
+        return {**resumed, "validation_best": state.get("validation_best"), **self._resumed_extra(state)}
 
     def _resume_problems(self, state: dict) -> list[str]:
         """Why checkpoint ``state`` does not belong to this run (empty when it does)."""
@@ -370,6 +376,7 @@ class Trainer:
         return {}
 
     def _apply_state(self, state: dict) -> None:
+        self.validation_best = state.get("validation_best")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -512,6 +519,9 @@ class Trainer:
                         logger.image(self.step, batch, self._predict_first(batch))
                     if self.is_main and self.step % options.checkpoint_every == 0:
                         self.save()
+                    if self.is_main and options.validation is not None \
+                            and self.step % options.validation.every == 0:
+                        self._validate(logger)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -524,6 +534,23 @@ class Trainer:
         if skipped and self.is_main:
             warnings.warn(f"{skipped} corrupt shards or samples were skipped (see the warnings above)", stacklevel=2)
         return metrics
+
+    def _validate(self, logger) -> dict:
+        """Score the retrieval benchmark with the network as it is (:mod:`trainer.selection`), log
+        it, and when it is the best so far write the checkpoint and copy it to best.pt."""
+        from .selection import append_row, is_better, keep_best, validate
+
+        inference = Inference(self.config, self.backbone, self.model, self.step, self.backbone_record)
+        result = validate(self.options.validation, inference, self.run_dir)
+        if is_better(result["val_map"], self.validation_best):
+            self.validation_best = {"value": result["val_map"], "step": self.step}
+            keep_best(self.save())
+        best = self.validation_best or {}
+        row = {"step": self.step, **result, "best_map": best.get("value"), "best_step": best.get("step")}
+        append_row(self.run_dir, row)
+        if logger is not None and logger.tensorboard is not None:
+            logger.tensorboard.add_scalar("val/map", result["val_map"], self.step)
+        return row
 
     def _predict_first(self, batch: dict) -> tuple:
         """The first positive pair's predicted (src_out, tgt_out), (3, h, w) each, for pictures."""

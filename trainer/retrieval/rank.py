@@ -200,12 +200,15 @@ def retrieve(checkpoint, database_dir, queries: Sequence[Query], query_dir, out_
              options: RetrieveOptions | None = None, shortlists: dict[str, list[str]] | None = None,
              device: str = "auto", on_result: Callable[[QueryResult], None] | None = None) -> dict:
     """Score and rank; writes ``out_dir``/ranking.parquet, run.json and pictures/ (see the
-    module docstring). Returns the contents of run.json."""
-    from ..loop import load_for_inference
+    module docstring). ``checkpoint``: a checkpoint file, or a network already loaded
+    (:class:`trainer.loop.Inference`: a training run validating itself). Returns the contents of
+    run.json."""
+    from ..loop import Inference, load_for_inference
 
     options = options or RetrieveOptions()
     started = time.perf_counter()
-    loaded = load_for_inference(checkpoint, device)
+    in_memory = isinstance(checkpoint, Inference)
+    loaded = checkpoint if in_memory else load_for_inference(checkpoint, device)
     database_dir, query_dir, out = Path(database_dir), Path(query_dir), Path(out_dir)
     names = list_images(database_dir)
     if shortlists is not None:
@@ -283,7 +286,8 @@ def retrieve(checkpoint, database_dir, queries: Sequence[Query], query_dir, out_
     out.mkdir(parents=True, exist_ok=True)
     rows_written = write_ranking(out / "ranking.parquet", results, options.keep)
     summary = {
-        "checkpoint": str(checkpoint), "step": loaded.step, "backbone": loaded.backbone_record,
+        "checkpoint": "(in memory)" if in_memory else str(checkpoint), "step": loaded.step,
+        "backbone": loaded.backbone_record,
         "database": str(database_dir), "queries": len(queries), "queries_scored": len(results),
         "resolution": str(options.resolution), "box_side": options.box_side, "score": options.score,
         "candidates": "short-lists" if shortlists is not None else options.candidates,
