@@ -479,3 +479,18 @@ def test_the_import_released_command_writes_a_checkpoint_and_names_a_bad_file(tm
     result = make_runner().invoke(main, ["import-released", str(broken), str(tmp_path / "other.pt")])
     assert result.exit_code == 1 and "notes.pth" in all_output(result) and "Traceback" not in all_output(result)
     assert not (tmp_path / "other.pt").exists()
+
+
+def test_the_authors_file_is_read_directly_behind_ckpt(tmp_path, released):
+    contents, theirs = released
+    path = tmp_path / "hard_mining_neg5.pth"
+    torch.save(contents, path)
+    loaded = load_for_inference(path, device="cpu")
+    assert loaded.config == TrainConfig() and loaded.backbone_record["format"] == RELEASED_FORMAT
+    assert_same_outputs(theirs, loaded.model, features(1, 1024, 3, 5, 18), features(1, 1024, 4, 4, 19))
+    damaged = dict(contents, encoder={k: v for k, v in contents["encoder"].items() if "final_linear" not in k})
+    torch.save(damaged, tmp_path / "damaged.pth")
+    from trainer.loop import ResumeError
+
+    with pytest.raises(ResumeError, match=r"damaged\.pth: the authors' released file, but.*final_linear"):
+        load_for_inference(tmp_path / "damaged.pth", device="cpu")

@@ -33,13 +33,14 @@ from tqdm import tqdm
 
 from datagen.format.atomic import atomic_write, atomic_write_bytes
 from datagen.format.device import resolve_device
-from datagen.format.hashing import config_hash
+from datagen.format.hashing import config_hash, sha256_file
 
 from .backbone import Backbone, load_backbone_weights, normalise
 from .config import TrainConfig
 from .data import dataset_fingerprint, make_loader
 from .loss import PairBatch, step_loss
 from .models import build_model
+from .released import ReleasedCheckpointError, is_released_checkpoint, released_checkpoint
 
 CHECKPOINT_FORMAT = 1
 METRICS = ("step", "loss", "mask_bce", "corr_l1", "acc", "acc_pos", "acc_neg", "lr", "steps_per_s", "skipped")
@@ -577,9 +578,15 @@ class Inference(NamedTuple):
 def load_for_inference(path, device: str = "auto") -> Inference:
     """The config, backbone, model, step and backbone record of a checkpoint, in eval mode on
     ``device``: the checkpoint holds the frozen backbone's weights too, so evaluation and
-    prediction need no other file. Anything that is not a trainer checkpoint with a valid config
-    raises :class:`ResumeError`."""
+    prediction need no other file. The authors' released file (``hard_mining_neg5.pth``) is
+    read too, converted in memory as ``trainer import-released`` would (their 'small' model).
+    Anything that is not a trainer checkpoint with a valid config raises :class:`ResumeError`."""
     state = load_checkpoint(path)
+    if is_released_checkpoint(state):
+        try:
+            state, _ = released_checkpoint(state, source=str(Path(path).resolve()), sha256=sha256_file(path))
+        except ReleasedCheckpointError as error:
+            raise ResumeError(f"{path}: the authors' released file, but: {error}") from error
     try:
         config = TrainConfig.from_dict(state["config"]).validate()
         backbone = Backbone()
