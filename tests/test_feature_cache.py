@@ -136,6 +136,27 @@ def test_another_key_or_an_edited_image_is_another_cache(tmp_path):
     assert len({c.folder for c in (edited, other_key, other_shape, open_cache(root, ids=ids))}) == 4
 
 
+def test_rows_of_another_image_list_are_copied_from_its_cache_when_sound(tmp_path):
+    root = tmp_path / "cache"
+    first = open_cache(root)
+    fill(first, Counting(), progress=False)
+    # a byte flipped in image-04's row of the first cache: that row must not be copied
+    with open(first.folder / FEATURES_NAME, "r+b") as handle:
+        handle.seek(4 * ROW_BYTES + 5)
+        byte = handle.read(1)
+        handle.seek(4 * ROW_BYTES + 5)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    ids = ["image-07", "image-04", "new-image", "image-02"]  # another list, order and a new image
+    second = open_cache(root, ids=ids)
+    assert second.folder != first.folder and second.missing.tolist() == [0, 1, 2, 3]
+    compute = Counting()
+    stats = fill(second, compute, batch=2, progress=False)
+    assert stats["copied"] == 2 and stats["computed"] == 2 and compute.rows == [1, 2]
+    np.testing.assert_array_equal(second.get([0, 3]), features([7, 2]).astype(np.float16))
+    other_key = open_cache(root, key={**KEY, "width": 64}, ids=ids)
+    assert fill(other_key, Counting(), progress=False)["copied"] == 0  # features of another key are never copied
+
+
 def test_cache_key_names_the_weights():
     torch = pytest.importorskip("torch")
     record = {"source": "/w/moco.pth.tar", "format": "moco_v2", "sha256": "cd" * 32}

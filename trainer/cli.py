@@ -552,7 +552,8 @@ def _report_run(run: dict, out_dir: Path) -> None:
     rate = run.get("pairs_per_second")
     click.echo(f"{run['queries_scored']} of {run['queries']} queries scored against {run['database_images']} "
                f"database images ({run['pairs_scored']} pairs, {rate:.1f} pairs/s on {run['device']}); features: "
-               f"{features.get('computed', 0)} computed, {features.get('reused', 0)} reused from the cache"
+               f"{features.get('computed', 0)} computed, "
+               f"{features.get('reused', 0) + features.get('copied', 0)} reused from the cache"
                if rate else f"{run['queries_scored']} of {run['queries']} queries scored")
     for name, reason in list(run.get("set_aside", {}).items()) + list(run.get("queries_set_aside", {}).items()):
         click.echo(f"set aside: {name}: {reason}", err=True)

@@ -40,6 +40,10 @@ Guarantees:
   x86 CPU, plus the disk's read time when the file is not in the page cache: ~3-5 s for Brueghel).
   :meth:`~FeatureCache.get` does not re-hash (it is called for every pair scored).
 
+A new image list starts from the rows its images already have in other caches of the same root,
+key and shape (:func:`copy_from_siblings`, called by :func:`fill`), each re-hashed before it is
+copied: a run on other short-lists or a grown database computes only its new images.
+
 The device is not part of the key: CPU and GPU features differ by about float16's rounding and are
 treated as the same. A row being recomputed (damaged) may be read torn by another process reading
 without the lock; a file changed by hand while a reader maps it may crash that reader (SIGBUS).
@@ -534,6 +538,60 @@ def _pwrite_all_append(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+MAX_META_BYTES = 256 << 20
+"""A sibling's meta.json larger than this is not read (a few million image ids)."""
+
+
+def _siblings(cache: FeatureCache) -> Iterator[FeatureCache]:
+    """The other caches of ``cache``'s root with its key and feature shape, opened read-only (a
+    folder whose meta.json is unreadable, or does not name that folder, is passed over)."""
+    root = cache.folder.parent
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and p != cache.folder)
+    except FileNotFoundError:
+        return
+    for folder in folders:
+        meta_path = folder / META_NAME
+        try:
+            if meta_path.stat().st_size > MAX_META_BYTES:
+                continue
+            meta = json.loads(meta_path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION \
+                or meta.get("key") != cache.key or meta.get("feature_shape") != list(cache.feature_shape):
+            continue
+        ids = meta.get("image_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+            continue
+        sibling = FeatureCache.open(root, cache.key, ids, cache.feature_shape)
+        if sibling.folder == folder:
+            yield sibling
+
+
+def copy_from_siblings(cache: FeatureCache, rows: Sequence[int], batch: int = 16) -> int:
+    """Copy into ``cache`` those of ``rows`` whose image is done in a sibling cache (same root, key
+    and feature shape; another image list). Each row copied is first re-hashed in the sibling and
+    taken only if it matches the sibling's digest. Returns the number of rows copied."""
+    wanted = {cache.image_ids[int(row)]: int(row) for row in rows}
+    copied = 0
+    for sibling in _siblings(cache):
+        if not wanted:
+            break
+        pairs = [(wanted[image], source) for source, image in enumerate(sibling.image_ids)
+                 if image in wanted and sibling._done[source]]
+        damaged = set(sibling._damaged([source for _, source in pairs]))
+        pairs = [(target, source) for target, source in pairs if source not in damaged]
+        for first in range(0, len(pairs), batch):
+            chunk = pairs[first: first + batch]
+            cache.put([target for target, _ in chunk], sibling.get([source for _, source in chunk]))
+            copied += len(chunk)
+        for target, _ in pairs:
+            wanted.pop(cache.image_ids[target], None)
+        sibling.close()
+    return copied
+
+
 def fill(cache: FeatureCache, compute: Callable[[Sequence[int]], Any], batch: int = 16, progress: bool = True,
          desc: str = "features", verify: bool = True) -> dict:
     """Compute the missing rows of ``cache``: ``compute(rows)`` (a list of up to ``batch`` row
@@ -543,14 +601,18 @@ def fill(cache: FeatureCache, compute: Callable[[Sequence[int]], Any], batch: in
     ``verify``: first re-hash every done row (:meth:`FeatureCache.verify`; the damaged ones are
     recomputed). A complete cache is verified without taking the lock, so several runs can read
     one at the same time. ``progress``: a progress bar on stderr, in images/s.
-    Returns ``{"computed", "reused", "damaged", "seconds"}``: rows computed, rows found done and
-    sound, rows found damaged (recomputed), wall time in seconds."""
+    Rows missing here but done in another cache of the same root, key and shape (another list of
+    images: a query set, other short-lists) are copied from it, checked against its digests
+    (:func:`copy_from_siblings`), before anything is computed.
+    Returns ``{"computed", "reused", "copied", "damaged", "seconds"}``: rows computed, rows found
+    done and sound, rows copied from other caches, rows found damaged (recomputed), wall time in
+    seconds."""
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
     start = time.perf_counter()
 
-    def result(computed: int, reused: int, damaged: int) -> dict:
-        return {"computed": computed, "reused": reused, "damaged": damaged,
+    def result(computed: int, reused: int, damaged: int, copied: int = 0) -> dict:
+        return {"computed": computed, "reused": reused, "copied": copied, "damaged": damaged,
                 "seconds": round(time.perf_counter() - start, 3)}
 
     if cache.complete and (not verify or not cache._damaged(np.arange(cache.rows))):
@@ -559,8 +621,9 @@ def fill(cache: FeatureCache, compute: Callable[[Sequence[int]], Any], batch: in
         if verify:
             cache.verify()
         damaged = len(cache._found_damaged)
+        reused = cache.rows - len(cache.missing)
+        copied = copy_from_siblings(cache, cache.missing, batch)
         missing = cache.missing
-        reused = cache.rows - len(missing)
         need = len(missing) * cache.row_bytes
         free = shutil.disk_usage(cache.folder).free
         if need > free:
@@ -572,4 +635,4 @@ def fill(cache: FeatureCache, compute: Callable[[Sequence[int]], Any], batch: in
                 rows = missing[first:first + batch].tolist()
                 cache.put(rows, compute(rows))
                 bar.update(len(rows))
-    return result(len(missing), reused, damaged)
+    return result(len(missing), reused, damaged, copied)
