@@ -4,11 +4,13 @@ cycle-consistent soft masks on an h x w grid (paper section 3.1). The builder co
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
 from datagen.format.schema import PairSample
-from datagen.format.warps import SegmentWarp, cycle_consistent_masks, warp_grid
+from datagen.format.warps import SegmentWarp, cycle_consistent_masks, grid_centres
 
 
 def grids_from_warps(warps: list, src_mask: np.ndarray, grid_shape: tuple, tgt_size: tuple) -> dict:
@@ -22,16 +24,19 @@ def grids_from_warps(warps: list, src_mask: np.ndarray, grid_shape: tuple, tgt_s
     in cells (non-zero only through the TPS's numerical inverse, which measures it).
     """
     src_size = (src_mask.shape[1], src_mask.shape[0])
+    grid_shape, tgt_size = tuple(int(n) for n in grid_shape), tuple(int(n) for n in tgt_size)
     cell = np.asarray(src_size, float) / np.asarray(grid_shape[::-1], float)
-    centres = warp_grid(lambda p: p, grid_shape, src_size, (1, 1))
+    # warp_grid's cell centres in pixels, of each image (cached): the same values
+    centres, tgt_centres = cell_centres(grid_shape, src_size), cell_centres(grid_shape, tgt_size)
     src_to_tgt = tgt_to_src = None
     src_masks, tgt_masks, round_trip = [], [], 0.0
     for k, warp in enumerate(warps):
         landed, round_trip_px = warp.src_to_tgt_checked(centres)
         forward = landed / np.asarray(tgt_size, float)
-        backward = warp_grid(warp.tgt_to_src, grid_shape, tgt_size, src_size)
-        round_trip = max(round_trip, float((np.abs(round_trip_px) / cell).max()))
-        coverage = cv2.resize((src_mask == k + 1).astype(np.float32), grid_shape[::-1], interpolation=cv2.INTER_AREA)
+        backward = warp.tgt_to_src(tgt_centres) / np.asarray(src_size, float)
+        if warp.tps is not None:  # an affine warp is inverted exactly: no round-trip error
+            round_trip = max(round_trip, float((np.abs(round_trip_px) / cell).max()))
+        coverage = cell_coverage(src_mask == k + 1, grid_shape)
         src_grid, tgt_grid = cycle_consistent_masks(coverage, forward, backward)
         if k == 0:
             src_to_tgt, tgt_to_src = forward, backward
@@ -47,6 +52,35 @@ def grids_from_warps(warps: list, src_mask: np.ndarray, grid_shape: tuple, tgt_s
         "tgt_grid_mask": np.clip(sum(tgt_masks), 0, 1).astype(np.float32),
         "round_trip_cells": round_trip,
     }
+
+
+def cell_coverage(inside: np.ndarray, grid_shape: tuple) -> np.ndarray:
+    """(h, w) float32 fraction of each cell of an h x w grid that the (H, W) bool mask ``inside``
+    covers: cv2.resize of its 0/1 float32 values with INTER_AREA. Where the cells are whole
+    blocks of a power of two pixels (the builder's 16 x 16), the mask's pixels are counted in
+    integers and divided by the block's area, which gives INTER_AREA's values exactly (every
+    partial sum of 0/1 values over such a block is exact in float32), with no float32 copy of
+    the whole mask."""
+    rows, cols = grid_shape
+    height, width = inside.shape
+    if rows and cols and height % rows == 0 and width % cols == 0:
+        block_y, block_x = height // rows, width // cols
+        area = block_y * block_x
+        if area & (area - 1) == 0 and area <= 1 << 15:  # a power of two; counts fit uint16
+            counts = inside.view(np.uint8).reshape(rows, block_y, width).sum(axis=1, dtype=np.uint16)
+            counts = counts.reshape(rows, cols, block_x).sum(axis=2, dtype=np.uint16)
+            return counts.astype(np.float32) / np.float32(area)
+    return cv2.resize(inside.astype(np.float32), (cols, rows), interpolation=cv2.INTER_AREA)
+
+
+@functools.lru_cache(maxsize=32)
+def cell_centres(grid_shape: tuple, size: tuple) -> np.ndarray:
+    """(h, w, 2) continuous pixels of the cell centres of an h x w grid over an image of ``size``
+    (W, H): :func:`~datagen.format.warps.grid_centres` times the size, as
+    :func:`~datagen.format.warps.warp_grid` computes them (cached, read-only)."""
+    centres = grid_centres(*grid_shape) * np.asarray(size, float)
+    centres.flags.writeable = False
+    return centres
 
 
 def recompute_grids(sample: PairSample, grid_shape: tuple | None = None) -> dict:

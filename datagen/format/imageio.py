@@ -99,7 +99,11 @@ def load_rgb(path, *, min_side: int = 32, max_pixels: int = 100_000_000,
 
 def _read_bytes(path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        if isinstance(path, Path):  # what read_bytes does, without parsing the path again
+            with open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = Path(path).read_bytes()
     except FileNotFoundError:
         raise BadInput(path, "file not found") from None
     except IsADirectoryError:

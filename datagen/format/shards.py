@@ -6,7 +6,9 @@ mode and mtime, so the same samples always give the same bytes. Its headers come
 ``tarfile`` module (``TarInfo.tobuf``) and each sample goes to the file in one write: importing
 webdataset imports torch (seconds and hundreds of MB in every build worker), which data
 generation has no use for, and ``TarFile.addfile`` streams every member through small buffers.
-The bytes are those ``TarFile`` writes (tested). It is written to ``<path>.tmp`` and renamed to
+The bytes are those ``TarFile`` writes (tested); a member's header is ``TarInfo.tobuf``'s for
+one template member with its name, size and checksum put in (:func:`member_header`), checked
+against ``tobuf`` when the module loads. It is written to ``<path>.tmp`` and renamed to
 ``<path>`` only once complete: a file named ``shard-*.tar`` is never half written. Reading uses
 the stdlib ``tarfile`` module only (no decoding, no unpickling): members are grouped by key into
 ``{"__key__": key, field: bytes}`` dicts.
@@ -33,6 +35,7 @@ TAR_GROUP = "datagen"
 TAR_MODE = 0o444
 TAR_MTIME = 0
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
 _COMPRESSED_MAGIC = (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x28\xb5\x2f\xfd"),
                      ("lz4", b"\x04\x22\x4d\x18"))
 SPOOL_MEMORY = 256 << 20
@@ -89,6 +92,48 @@ def sample_sha256(members: dict) -> str:
         digest.update(field.encode("utf-8", "surrogateescape") + b"\0" + len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
+
+
+def _tobuf_header(name: str, size: int) -> bytes:
+    """The USTAR header that ``TarFile.addfile`` writes for a member of the shard format."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, TAR_MODE
+    info.uname, info.gname = TAR_USER, TAR_GROUP
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+# USTAR offsets: name [0, 100), size [124, 136), checksum [148, 156) (six octal digits, NUL, space)
+_TEMPLATE = _tobuf_header("", 0)
+_TEMPLATE_MIDDLE, _TEMPLATE_TAIL = _TEMPLATE[100:124], _TEMPLATE[136:148]
+_TEMPLATE_END = _TEMPLATE[156:]
+# the checksum counts its own field as eight spaces; the name and size fields are added per member
+_TEMPLATE_SUM = sum(_TEMPLATE_MIDDLE) + sum(_TEMPLATE_TAIL) + sum(_TEMPLATE_END) + 8 * 0x20
+
+
+def _patched_header(name: str, size: int) -> bytes | None:
+    """:func:`_tobuf_header` from the template, or None where it does not apply (a name over 100
+    bytes, which ``tobuf`` splits into a prefix, or a size of 12 octal digits)."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > 100 or not 0 <= size < 8 ** 11:
+        return None
+    size_field = b"%011o\0" % size
+    checksum = _TEMPLATE_SUM + sum(encoded) + sum(size_field)
+    return b"".join((encoded, bytes(100 - len(encoded)), _TEMPLATE_MIDDLE, size_field, _TEMPLATE_TAIL,
+                     b"%06o\0 " % checksum, _TEMPLATE_END))
+
+
+# the template stands for tobuf only if this Python's tarfile lays the header out as expected
+_PATCHABLE = all(_patched_header(name, size) == _tobuf_header(name, size)
+                 for name, size in (("000000_000000.json", 0), ("000012_000345.src.gridmask.npy", 1234),
+                                    ("k" * 100, 8 ** 11 - 1), ("\u00e9t\u00e9.x\udcff", 512)))
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a member ``name`` of ``size`` bytes, as ``TarInfo.tobuf``
+    writes it with the shard format's owner, mode and mtime (an order of magnitude faster than
+    ``tobuf``: the header of a template member with the name, size and checksum put in)."""
+    header = _patched_header(name, size) if _PATCHABLE else None
+    return _tobuf_header(name, size) if header is None else header
 
 
 class WrittenSample(NamedTuple):
@@ -173,12 +218,11 @@ class ShardWriter:
                                  f"{type(value).__name__}, expected bytes")
         size, parts = 0, []
         for field in sorted(name for name in members if name != "__key__"):
-            data = bytes(members[field])
-            info = tarfile.TarInfo(f"{key}.{field}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
-            info.uname, info.gname = TAR_USER, TAR_GROUP
+            data = members[field]
+            if type(data) is not bytes:
+                data = bytes(data)
             padding = -len(data) % tarfile.BLOCKSIZE  # zeros up to a whole block
-            parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data, bytes(padding)]
+            parts += [member_header(f"{key}.{field}", len(data)), data, _ZERO_BLOCK[:padding]]
             size += len(data)
         self._hashing.write(b"".join(parts))
         self._keys.add(key)

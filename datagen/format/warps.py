@@ -277,9 +277,19 @@ class SegmentWarp:
         offsets = np.stack([_solve2(jac, np.broadcast_to(corner / size, unwarped.shape)) for corner in corners], 1)
         return apply_affine(self.affine, ((unwarped[:, None, :] + offsets) * size).reshape(-1, 2))
 
+    def inverse_affine(self) -> np.ndarray:
+        """``np.linalg.inv(affine)``, (3, 3), computed once (cached, read-only): the builder
+        resamples through it and grids the pair with it."""
+        cached = self.__dict__.get("_inverse")
+        if cached is None:
+            cached = np.linalg.inv(self.affine)
+            cached.flags.writeable = False
+            object.__setattr__(self, "_inverse", cached)
+        return cached
+
     def tgt_to_src(self, points: np.ndarray) -> np.ndarray:
         """(..., 2) continuous target pixels -> continuous source pixels (exact)."""
-        points = apply_affine(np.linalg.inv(self.affine), points)
+        points = apply_affine(self.inverse_affine(), points)
         if self.tps is not None:
             size = np.asarray(self.src_size, float)
             points = self.tps(points / size) * size
@@ -318,16 +328,27 @@ def warp_grid(mapping, grid_shape: tuple, from_size: tuple, to_size: tuple) -> n
 def sample_grid(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Bilinearly sample (h, w) ``values`` at (H', W', 2) normalised coords (torch grid_sample with
     align_corners=False and zero padding)."""
-    h, w = values.shape
-    map_x = (coords[..., 0] * w - 0.5).astype(np.float32)
-    map_y = (coords[..., 1] * h - 0.5).astype(np.float32)
-    return cv2.remap(values.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR,
+    return _remap_grid(values, _grid_maps(coords, values.shape))
+
+
+def _grid_maps(coords: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.remap's float32 maps of :func:`sample_grid` for (H', W', 2) normalised ``coords`` into
+    an (h, w) grid of ``shape``."""
+    h, w = shape
+    return (coords[..., 0] * w - 0.5).astype(np.float32), (coords[..., 1] * h - 0.5).astype(np.float32)
+
+
+def _remap_grid(values: np.ndarray, maps: tuple) -> np.ndarray:
+    return cv2.remap(values.astype(np.float32), maps[0], maps[1], cv2.INTER_LINEAR,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
 def inside_unit(coords: np.ndarray) -> np.ndarray:
     """(h, w) float mask of coords strictly inside (0, 1)^2."""
-    return np.all((coords > 0) & (coords < 1), axis=-1).astype(np.float32)
+    inside = (coords > 0) & (coords < 1)
+    if inside.ndim >= 2 and inside.shape[-1] == 2:  # x and y: np.all over the last axis, without its loop
+        return (inside[..., 0] & inside[..., 1]).astype(np.float32)
+    return np.all(inside, axis=-1).astype(np.float32)
 
 
 def cycle_consistent_masks(src_mask: np.ndarray, src_to_tgt: np.ndarray, tgt_to_src: np.ndarray):
@@ -340,10 +361,13 @@ def cycle_consistent_masks(src_mask: np.ndarray, src_to_tgt: np.ndarray, tgt_to_
     """
     tgt_inside = inside_unit(tgt_to_src)
     src_inside = inside_unit(src_to_tgt)
-    tgt_first = sample_grid(src_mask, tgt_to_src) * tgt_inside
+    into_src = _grid_maps(tgt_to_src, src_mask.shape)  # sampled twice: the maps are made once
+    tgt_first = _remap_grid(src_mask, into_src) * tgt_inside
     src_back = sample_grid(tgt_first, src_to_tgt)
     src_final = src_mask * src_back * src_inside
-    tgt_final = sample_grid(src_final, tgt_to_src) * tgt_inside
+    if src_final.shape != src_mask.shape:  # a mask broadcast against grids of another shape
+        into_src = _grid_maps(tgt_to_src, src_final.shape)
+    tgt_final = _remap_grid(src_final, into_src) * tgt_inside
     return src_final.astype(np.float32), tgt_final.astype(np.float32)
 
 

@@ -72,7 +72,7 @@ def roi_resampler(warp: SegmentWarp, roi: tuple, lattice_step: float = 4.0):
         # pixel index (i, j) of the ROI is continuous (x0 + j + 0.5, y0 + i + 0.5) in the target
         to_target = np.array([[1.0, 0, x0 + 0.5], [0, 1.0, y0 + 0.5], [0, 0, 1]])
         to_index = np.array([[1.0, 0, -0.5], [0, 1.0, -0.5], [0, 0, 1]])
-        matrix = (to_index @ np.linalg.inv(warp.affine) @ to_target)[:2]
+        matrix = (to_index @ warp.inverse_affine() @ to_target)[:2]
         return lambda image, border: cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                                     borderMode=border, borderValue=0)
     map_x, map_y = remap_maps(warp, roi, lattice_step)
@@ -135,14 +135,14 @@ def mask_boundary(mask: np.ndarray, spacing: float = 8.0) -> np.ndarray:
     ``spacing`` pixels: a spline bends long straight edges (an object cut by the image border
     bulges out), so their end points alone would miss the warped extent.
     """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return np.zeros((0, 2))
     starts, stops = [], []
     for contour in contours:
         polygon = cv2.approxPolyDP(contour, 0.5, True).reshape(-1, 2).astype(np.float64)
         starts.append(polygon)
-        stops.append(np.roll(polygon, -1, axis=0))
+        stops.append(np.concatenate((polygon[1:], polygon[:1])))  # np.roll(polygon, -1, axis=0)
     starts, stops = np.concatenate(starts), np.concatenate(stops)
     steps = np.maximum(1, np.ceil(np.abs(stops - starts).max(1) / spacing)).astype(int)
     edge = np.repeat(np.arange(len(steps)), steps)

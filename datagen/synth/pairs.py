@@ -143,9 +143,9 @@ class PairBuilder:
         object_masks = [resize_mask(mask[y0:y1, x0:x1], size) for mask in masks]
         if len(masks) == 2 and np.any(dilate(object_masks[0], 1) & object_masks[1]):
             raise Rejected("masks_touch", "the two source segments touch after resizing")
-        src_mask = np.zeros((size, size), np.uint8)
-        for k, object_mask in enumerate(object_masks):
-            src_mask[object_mask > 0] = k + 1
+        src_mask = object_masks[0].copy()  # 0/1: object 1's id where it is
+        for k, object_mask in enumerate(object_masks[1:], 1):
+            np.copyto(src_mask, np.uint8(k + 1), where=object_mask > 0)
 
         warps, placements, tgt_mask = [], [], np.zeros((size, size), np.uint8)
         for k, (obj, region, object_mask) in enumerate(zip(plan.objects, plan.regions, object_masks)):
@@ -162,7 +162,7 @@ class PairBuilder:
             placed = tgt_mask[roi[1]:roi[3], roi[0]:roi[2]]
             if k > 0 and np.any(dilate((placed > 0).astype(np.uint8), 1) & (patch_mask > 0)):  # k = 0: none placed
                 raise Rejected("masks_touch", "the two warped segments touch in the target")
-            placed[patch_mask > 0] = k + 1
+            np.copyto(placed, np.uint8(k + 1), where=patch_mask > 0)
             warps.append(warp)
             placements.append((resample, patch_mask, roi[:2]))
         start = self.timer.add("warp", start)

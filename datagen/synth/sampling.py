@@ -131,6 +131,10 @@ class Sampler:
             [image for image in np.unique(bank.image_ids) if len(bank.categories_of_image(int(image))) >= 2],
             dtype=np.int64,
         )
+        # the scale choices (ratios, probabilities) of one- and two-object pairs, as arrays: drawn
+        # for every object, the same values as warp.scale_ratios gives
+        self._scales = {two: tuple(np.asarray(values) for values in config.warp.scale_ratios(two))
+                        for two in (False, True)}
 
     def plan(self, rng: np.random.Generator, objects: int) -> PairPlan:
         """Draw a plan for a pair with ``objects`` (1 or 2) segments."""
@@ -191,7 +195,7 @@ class Sampler:
 
     def _object(self, rng, row: int, two_objects: bool) -> ObjectPlan:
         warp = self.config.warp
-        ratios, probs = warp.scale_ratios(two_objects)
+        ratios, probs = self._scales[two_objects]
         use_tps = rng.random() < warp.tps_prob
         return ObjectPlan(
             segment_row=row,
