@@ -723,5 +723,129 @@ def retrieval_set(shards, out_dir, n):
                f"({summary['skipped']} samples skipped) written to {out_dir}")
 
 
+# -- discovery -----------------------------------------------------------------------------------
+
+@main.group(invoke_without_command=True, short_help="Discovery and co-segmentation in a collection (paper section 5).")
+@click.option("--ckpt", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint written by 'trainer fit' (or the authors' released file).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The collection: a folder of images (sub-folders too).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder: masks/ (coseg) or clusters/index.html (clusters), potentials.npy, pairs/ "
+                   "(the saved predictions: a rerun resumes there), report.json (each stage's time, memory, counts).")
+@click.option("--mode", type=click.Choice(["coseg", "clusters"]), default="coseg", show_default=True,
+              help="'coseg': the first eigenvector summed per image and cell seeds GrabCut, one mask per image "
+                   "(Table 5). 'clusters': --eigenvectors eigenvectors, K-means with --clusters clusters, "
+                   "clusters of repeated regions as a page of crops.")
+@click.option("--size", type=click.IntRange(min=16), default=480, show_default=True,
+              help="Images are seen at SIZE x SIZE (a multiple of 16; the authors: 480 for the Internet dataset, "
+                   "640 for Brueghel).")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Partners kept per image, by the Eq. 3 score (the paper: the five most similar).")
+@click.option("--shortlist", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Candidates per image from the first stage (global descriptors of the frozen backbone, cosine) "
+                   "that the network scores to choose the --k; 0: the first stage gives the --k directly.")
+@click.option("--close-triangles/--no-close-triangles", default=True, show_default=True,
+              help="Also predict the pairs between two partners of an image, so that every 3-cycle of Eq. 4 "
+                   "through it exists (at most N k (k - 1) / 2 more pairs).")
+@click.option("--mask-threshold", type=click.FloatRange(0, 1, max_open=True), default=0.85, show_default=True,
+              help="A predicted correspondence is a vertex of the graph when its mask passes this (the authors').")
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=1.2, show_default=True,
+              help="Distance scale of Eq. 4, in cells (the authors: 5.0 Car, 0.8 Airplane, 1.2 Horse).")
+@click.option("--edge-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Edges lighter than this are dropped (the authors').")
+@click.option("--fg-ratio", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True,
+              help="Coseg: cells whose potential passes this share of the image's largest are definite foreground "
+                   "for GrabCut (the authors').")
+@click.option("--dilate", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Coseg: width in pixels of the probable-background ring around the potential's support.")
+@click.option("--eigenvectors", "n_eigenvectors", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Clusters: eigenvectors embedding the vertices (the paper: 100).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Clusters: K-means clusters (the paper: 500 on Brueghel).")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Pairs per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("~/.cache/segswap/features"), show_default=True,
+              help="Folder of the feature cache (shared with 'trainer retrieve').")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click.pass_context
+def discover(ctx, checkpoint, images, out_dir, mode, size, k, shortlist, close_triangles, mask_threshold, sigma,
+             edge_threshold, fg_ratio, dilate, n_eigenvectors, n_clusters, batch, device, cache_dir, no_progress):
+    """Find what a collection repeats (paper section 5): first-stage neighbours, the network on
+    those pairs only, the sparse correspondence graph of Eq. 4, its leading eigenvectors, then
+    co-segmentation masks or clusters of repeated regions. The cost grows with the number of
+    images times --k, not with its square. Examples:
+
+      trainer discover --ckpt released.pt --images Internet/Airplane100 --out runs/int/Airplane100
+
+      trainer discover eval --pred runs/int --gt Internet
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [name for name, value in (("--ckpt", checkpoint), ("--images", images), ("--out", out_dir))
+               if value is None]
+    if missing:
+        raise click.UsageError(f"missing option(s) {', '.join(missing)}")
+    from .discovery.coseg import CosegOptions
+    from .discovery.graph import GraphParams
+    from .discovery.run import DiscoverOptions
+    from .discovery.run import discover as run_discover
+
+    try:
+        options = DiscoverOptions(mode=mode, size=size, k=k, shortlist=shortlist, close_triangles=close_triangles,
+                                  graph=GraphParams(mask_threshold=mask_threshold, sigma=sigma,
+                                                    edge_threshold=edge_threshold),
+                                  coseg=CosegOptions(fg_ratio=fg_ratio, dilate=dilate), n_eigenvectors=n_eigenvectors,
+                                  n_clusters=n_clusters, batch=batch, cache_dir=cache_dir.expanduser(),
+                                  progress=not no_progress).validate()
+    except (ValueError, TypeError) as error:
+        raise click.UsageError(str(error)) from error
+    try:
+        report = run_discover(checkpoint, images, out_dir, options, device=device)
+    except _retrieval_errors() as error:
+        _fail(error)
+    for name, reason in report["set_aside"].items():
+        click.echo(f"set aside: {name}: {reason}", err=True)
+    graph = report["graph"]
+    click.echo(f"{len(report['images'])} images, {report['pairs']['pairs']} short-listed pairs, graph of "
+               f"{graph['n_vertices']} vertices and {graph['n_edges']} edges; {report['seconds']:.1f} s; "
+               f"written to {out_dir}")
+
+
+@discover.command("eval", short_help="Precision P and Jaccard J of co-segmentation masks (Table 5).")
+@click.option("--pred", "pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A folder of class folders, each the --out of 'trainer discover' on that class (its masks/) or a "
+                   "folder of <stem>.png masks.")
+@click.option("--gt", "gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The dataset: a folder of class folders (Internet: Airplane100/ with GroundTruth/<stem>.png; "
+                   "MSRC-style: images with GroundTruth/ or gt/ masks).")
+@click.option("--layout", type=click.Choice(["internet", "msrc"]), default="internet", show_default=True,
+              help="The ground truth's folder layout.")
+@click.option("--resize", is_flag=True, help="Resize predictions of another size than their mask (nearest).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the scores (per class and per image) to this JSON file.")
+def discover_eval(pred_dir, gt_dir, layout, resize, json_path):
+    """Precision (share of pixels labelled right) and Jaccard (IoU of the foreground, over the
+    images whose mask is not empty) per class, as the paper's Table 5, and their means."""
+    from .discovery.metrics import evaluate_folder
+
+    try:
+        scores = evaluate_folder(pred_dir, gt_dir, layout=layout, resize_predictions=resize)
+    except (ValueError, OSError) as error:
+        _fail(error)
+    except Exception as error:  # noqa: BLE001 - BadInput of a mask file names it
+        _fail(error)
+    width = max(len(name) for name in scores["classes"])
+    for name, entry in scores["classes"].items():
+        j = "n/a" if entry["J"] is None else f"{entry['J']:.4f}"
+        click.echo(f"{name:<{width}}  P {entry['P']:.4f}  J {j}  ({entry['images']} images"
+                   + (f", {len(entry['missing'])} without prediction" if entry["missing"] else "") + ")")
+    mean_j = "n/a" if scores["J"] is None else f"{scores['J']:.4f}"
+    click.echo(f"{'mean':<{width}}  P {scores['P']:.4f}  J {mean_j}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(scores, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     main()
