@@ -77,3 +77,19 @@ def test_neighbours_by_score_and_the_pairs_that_close_their_triangles():
     assert neighbours.tolist() == [[3, 2], [0, 2], [1, 0], [0, -1]]  # image 1: 5.0 from (0, 1), 4.0 from (1, 2)
     assert triangle_pairs(neighbours, pairs).tolist() == [[2, 3]]  # (2, 3) closes image 0's; (0, 2), (0, 1) known
     assert unordered([(2, 1), (1, 2), (3, 3), (0, 4)]).tolist() == [[0, 4], [1, 2]]
+
+
+def test_duplicates_and_border_pairs_are_found():
+    from trainer.discovery.filters import border_pairs, border_share, duplicate_pairs
+
+    h, w = 4, 5
+    out = np.zeros((3, 3, h, w), np.float32)
+    out[0, 2] = 0.95  # pair 0: everything matches (a duplicate)
+    out[1, 2, 0, :] = 0.9  # pair 1: only the top row matches (a frame)
+    out[1, 2, 1:3, 1:4] = 0.2  # not confident
+    out[2, 2, 1:3, 1:4] = 0.9  # pair 2: an inner detail, 6 cells
+    out[2, 2, 0, 0] = 0.9  # and one border cell: 1/7
+    assert duplicate_pairs(out, out, 0.9).tolist() == [True, False, False]
+    assert duplicate_pairs(out, out * np.array([1, 1, 0.5])[None, :, None, None], 0.9).tolist() == [False] * 3
+    assert np.allclose(border_share(out, 0.85), [14 / 20, 1.0, 1 / 7])
+    assert border_pairs(out, out, 0.85, share=0.5).tolist() == [True, True, False]

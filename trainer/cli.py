@@ -763,6 +763,15 @@ def retrieval_set(shards, out_dir, n):
               help="Clusters: eigenvectors embedding the vertices (the paper: 100).")
 @click.option("--clusters", "n_clusters", type=click.IntRange(min=1), default=500, show_default=True,
               help="Clusters: K-means clusters (the paper: 500 on Brueghel).")
+@click.option("--filter-pairs/--no-filter-pairs", default=None,
+              help="Leave out of the graph the pairs of duplicates (mean predicted mask >= --duplicate-mask in both "
+                   "images) and the pairs that match on their borders (>= --border-share of their confident cells "
+                   "on the outer ring of cells of both images), as the paper does on Brueghel. Default: in clusters "
+                   "mode only.")
+@click.option("--duplicate-mask", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Mean predicted mask, in both images, from which a pair is a duplicate.")
+@click.option("--border-share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Share of confident cells on the border from which a pair matches on its borders.")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Pairs per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -771,7 +780,8 @@ def retrieval_set(shards, out_dir, n):
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @click.pass_context
 def discover(ctx, checkpoint, images, out_dir, mode, size, k, shortlist, close_triangles, mask_threshold, sigma,
-             edge_threshold, fg_ratio, dilate, n_eigenvectors, n_clusters, batch, device, cache_dir, no_progress):
+             edge_threshold, fg_ratio, dilate, n_eigenvectors, n_clusters, filter_pairs, duplicate_mask, border_share,
+             batch, device, cache_dir, no_progress):
     """Find what a collection repeats (paper section 5): first-stage neighbours, the network on
     those pairs only, the sparse correspondence graph of Eq. 4, its leading eigenvectors, then
     co-segmentation masks or clusters of repeated regions. The cost grows with the number of
@@ -797,7 +807,8 @@ def discover(ctx, checkpoint, images, out_dir, mode, size, k, shortlist, close_t
                                   graph=GraphParams(mask_threshold=mask_threshold, sigma=sigma,
                                                     edge_threshold=edge_threshold),
                                   coseg=CosegOptions(fg_ratio=fg_ratio, dilate=dilate), n_eigenvectors=n_eigenvectors,
-                                  n_clusters=n_clusters, batch=batch, cache_dir=cache_dir.expanduser(),
+                                  n_clusters=n_clusters, filter_pairs=filter_pairs, duplicate_mask=duplicate_mask,
+                                  border_share=border_share, batch=batch, cache_dir=cache_dir.expanduser(),
                                   progress=not no_progress).validate()
     except (ValueError, TypeError) as error:
         raise click.UsageError(str(error)) from error

@@ -43,6 +43,7 @@ from datagen.format.imageio import load_rgb
 from ..retrieval.images import inspect_images, list_images
 from .clusters import cluster_regions, kmeans, write_cluster_page
 from .coseg import CosegOptions
+from .filters import border_pairs, duplicate_pairs
 from .graph import GraphParams, build_graph
 from .pairs import PairStore, Predictions, network_runner, plan_identity, top_neighbours, triangle_pairs, unordered
 from .spectral import image_potentials, leading_eigenvectors, vertex_embedding
@@ -70,6 +71,13 @@ class DiscoverOptions:
     """Clusters mode: K-means clusters (the paper: 500 on Brueghel)."""
     min_images: int = 2
     """Clusters mode: a cluster must span this many images to be shown."""
+    filter_pairs: bool | None = None
+    """Leave duplicates and pairs matching on their borders out of the graph
+    (:mod:`trainer.discovery.filters`); None: in clusters mode only (the paper, on Brueghel)."""
+    duplicate_mask: float = 0.9
+    """A pair is a duplicate when its mean predicted mask is at least this in both images."""
+    border_share: float = 0.5
+    """A pair matches on its borders when this share of its confident cells is on the outer ring."""
     batch: int = 16
     cache_dir: Path = Path("~/.cache/segswap/features")
     progress: bool = True
@@ -84,6 +92,8 @@ class DiscoverOptions:
             (self.n_eigenvectors >= 1, f"--eigenvectors must be at least 1, got {self.n_eigenvectors}"),
             (self.n_clusters >= 1, f"--clusters must be at least 1, got {self.n_clusters}"),
             (self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
+            (0 < self.duplicate_mask <= 1, f"--duplicate-mask must be in (0, 1], got {self.duplicate_mask}"),
+            (0 < self.border_share <= 1, f"--border-share must be in (0, 1], got {self.border_share}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -135,6 +145,14 @@ def discover_from_predictions(image_paths: Sequence[Path], predictions: Predicti
     n_images = len(image_paths)
     grid = predictions.out_ij.shape[2:]
     keep = graph_pairs(neighbours, predictions, options.close_triangles)
+    filtered = {"duplicates": 0, "border_pairs": 0}
+    if options.filter_pairs if options.filter_pairs is not None else options.mode == "clusters":
+        duplicates = duplicate_pairs(predictions.out_ij[keep], predictions.out_ji[keep], options.duplicate_mask)
+        borders = border_pairs(predictions.out_ij[keep], predictions.out_ji[keep], options.graph.mask_threshold,
+                               options.border_share) & ~duplicates
+        filtered = {"duplicates": int(duplicates.sum()), "border_pairs": int(borders.sum()),
+                    "left_out": [predictions.pairs[i].tolist() for i in keep[duplicates | borders]]}
+        keep = keep[~(duplicates | borders)]
     graph = clock.run("graph", lambda: build_graph(predictions.pairs[keep], predictions.out_ij[keep],
                                                    predictions.out_ji[keep], n_images, options.graph),
                       lambda g: {"vertices": g.stats.n_vertices, "edges": g.stats.n_edges,
@@ -142,7 +160,8 @@ def discover_from_predictions(image_paths: Sequence[Path], predictions: Predicti
     n_vectors = 1 if options.mode == "coseg" else options.n_eigenvectors
     values, vectors = clock.run("eigenvectors", lambda: leading_eigenvectors(graph.weights, n_vectors),
                                 lambda r: {"eigenvectors": int(r[1].shape[1]) if r[1].ndim == 2 else 0})
-    report = {"graph": graph.stats.as_dict(), "eigenvalues": [float(v) for v in values[:10]]}
+    report = {"graph": graph.stats.as_dict(), "eigenvalues": [float(v) for v in values[:10]],
+              "pairs_left_out": filtered}
     if options.mode == "coseg":
         vector = vectors[:, 0] if vectors.shape[1] else np.zeros(len(graph.vertices))
         potentials = image_potentials(graph, vector, n_images, grid)

@@ -236,8 +236,15 @@ def retrieve(checkpoint, database_dir, queries: Sequence[Query], query_dir, out_
     results, query_broken = [], {}
     total_pairs, scoring_seconds = 0, 0.0
     own = {record.path.resolve(): record.name for record in records}
-    bar = tqdm(total=len(queries), unit="query", desc="scoring", disable=not options.progress, file=sys.stderr,
-               dynamic_ncols=True)
+
+    def expected_pairs(query: Query) -> int:
+        if shortlists is not None:
+            return sum(candidate in row_of for candidate in shortlists[query.name])
+        count = len(records) - int((query_dir / query.image).resolve() in own)
+        return min(count, options.first_stage_k) if descriptors is not None else count
+
+    bar = tqdm(total=sum(expected_pairs(q) for q in queries), unit="pair", desc="scoring",
+               disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for query in queries:
             query_path = query_dir / query.image
@@ -246,7 +253,7 @@ def retrieve(checkpoint, database_dir, queries: Sequence[Query], query_dir, out_
                 view, box = query_view(image, query.box, options.resolution, options.box_side)
             except Exception as error:  # noqa: BLE001 - one bad query is recorded, the others go on
                 query_broken[query.name] = str(error)
-                bar.update(1)
+                bar.update(expected_pairs(query))
                 continue
             tick = time.perf_counter()
             query_feat = scorer.query_features(view)
@@ -278,8 +285,8 @@ def retrieve(checkpoint, database_dir, queries: Sequence[Query], query_dir, out_
                                     options.resolution)
             if on_result is not None:
                 on_result(result)
-            bar.update(1)
-            bar.set_postfix(pairs_per_s=f"{total_pairs / max(scoring_seconds, 1e-9):.1f}")
+            bar.update(len(rows))
+            bar.set_postfix(queries=f"{len(results) + len(query_broken)}/{len(queries)}")
     finally:
         bar.close()
 
