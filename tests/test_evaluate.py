@@ -20,7 +20,8 @@ from trainer.evaluate import (
     mask_iou,
     mean_mask_iou,
 )
-from trainer.loop import FitOptions, Trainer, load_for_inference
+from trainer.inference import load_for_inference
+from trainer.loop import FitOptions, Trainer
 
 SMALL = TrainConfig(image_size=96, positives=3, negatives=4, warmup_steps=1, lr=1e-3, steps=3, shuffle_buffer=4,
                     transformer=TransformerConfig(d_model=32, heads=2, feedforward=32, layers="SCS"))

@@ -19,7 +19,8 @@ from trainer.hardneg import (
     pool_pairs,
     stage_config,
 )
-from trainer.loop import FitOptions, ResumeError, Trainer, load_checkpoint, load_for_inference
+from trainer.inference import load_for_inference
+from trainer.loop import FitOptions, ResumeError, Trainer, load_checkpoint
 
 PARENT = TrainConfig(image_size=64, positives=3, negatives=4, warmup_steps=1, lr=1e-3, steps=1, shuffle_buffer=4,
                      transformer=TransformerConfig(d_model=16, heads=2, feedforward=16, layers="SC"))

@@ -14,7 +14,8 @@ from datagen.format.hashing import config_hash
 from trainer.cli import main
 from trainer.config import NCNetConfig, TrainConfig
 from trainer.data import make_loader
-from trainer.loop import FitOptions, Trainer, load_for_inference
+from trainer.inference import load_for_inference
+from trainer.loop import FitOptions, Trainer
 from trainer.loss import pair_loss
 from trainer.models import build_model
 from trainer.models.ncnet import NeighbourhoodConsensus, SparseNCNet, match_heads, sparse_correlation, top_matches

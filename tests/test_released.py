@@ -24,7 +24,7 @@ from torch import nn
 
 from trainer.backbone import LAYERS, Backbone
 from trainer.config import TrainConfig, TransformerConfig
-from trainer.loop import load_for_inference
+from trainer.inference import load_for_inference
 from trainer.models.cross_image import CrossImageTransformer
 from trainer.released import (
     RELEASED_FORMAT,

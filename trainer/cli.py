@@ -84,6 +84,20 @@ def _shard_set(shards, option: str | None = "--shards"):
         raise click.BadParameter(str(error), param_hint=option) from error
 
 
+def _run_logging_options(command):
+    """--checkpoint-every, --log-every, --image-every: shared by 'fit' and 'hard-negatives'."""
+    for option in reversed([
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Write checkpoint.pt every this many steps (and on Ctrl-C / SIGTERM)."),
+        click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Metrics (CSV and TensorBoard) every this many steps."),
+        click.option("--image-every", type=click.IntRange(min=1), default=500, show_default=True,
+                     help="A picture of predicted masks and correspondences in TensorBoard every this many steps."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command(short_help="Train a network on datagen shards (progress bar, TensorBoard, checkpoints, --resume).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True, is_eager=True,
               callback=_apply_preset, expose_value=False,
@@ -164,12 +178,7 @@ def _shard_set(shards, option: str | None = "--shards"):
               help="ResNet-50 weights: a MoCo-v2 checkpoint (moco_v2_800ep_pretrain.pth.tar) or a torchvision/"
                    "timm ResNet-50 state dict. Default: looked up in $SEGSWAP_BACKBONE_WEIGHTS, ~/.cache/segswap "
                    "and torch hub's checkpoints folder. 'random': no pre-training (smoke tests only; recorded).")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Write checkpoint.pt every this many steps (and on Ctrl-C / SIGTERM).")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Metrics (CSV and TensorBoard) every this many steps.")
-@click.option("--image-every", type=click.IntRange(min=1), default=500, show_default=True,
-              help="A picture of predicted masks and correspondences in TensorBoard every this many steps.")
+@_run_logging_options
 @click.option("--verify-shards/--no-verify-shards", default=None,
               help="Check each shard's sha256 against its manifest before reading it (once per loader worker); a "
                    "shard whose bytes differ is skipped with a warning naming it. Default: the shards a manifest "
@@ -281,12 +290,7 @@ def fit(shards, run_dir, arch, steps, image_size, positives, negatives, lr, warm
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Data loader worker processes (0: load in the main process).")
 @click.option("--device", default="auto", show_default=True, help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Write checkpoint.pt every this many steps (and on Ctrl-C / SIGTERM).")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Metrics (CSV and TensorBoard) every this many steps.")
-@click.option("--image-every", type=click.IntRange(min=1), default=500, show_default=True,
-              help="A picture of predicted masks and correspondences in TensorBoard every this many steps.")
+@_run_logging_options
 @click.option("--verify-shards/--no-verify-shards", default=None,
               help="Check each shard's sha256 against its manifest before reading it (as 'fit').")
 @click.option("--resume", is_flag=True, help="Continue from --out/checkpoint.pt (same stage settings and parent).")

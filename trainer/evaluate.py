@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .backbone import normalise
 from .config import TrainConfig
-from .loop import load_for_inference
+from .inference import load_for_inference
 from .score import pair_score
 
 METRIC_NAMES = ("mask_iou", "neg_mask_mean", "corr_error", "corr_within_1", "score_ap")

@@ -25,24 +25,24 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from datagen.format.atomic import atomic_write, atomic_write_bytes
+from datagen.format.atomic import atomic_write_bytes
 from datagen.format.device import resolve_device
-from datagen.format.hashing import config_hash, sha256_file
+from datagen.format.hashing import config_hash
 
 from .backbone import Backbone, load_backbone_weights, normalise
+from .checkpoints import CHECKPOINT_FORMAT, ResumeError, atomic_save, load_checkpoint
 from .config import TrainConfig
 from .data import dataset_fingerprint, make_loader
+from .inference import Inference
 from .loss import PairBatch, step_loss
 from .models import build_model
-from .released import ReleasedCheckpointError, is_released_checkpoint, released_checkpoint
 
-CHECKPOINT_FORMAT = 1
 METRICS = ("step", "loss", "mask_bce", "corr_l1", "acc", "acc_pos", "acc_neg", "lr", "steps_per_s", "skipped")
 FeaturePairs = tuple[torch.Tensor, torch.Tensor]
 """Backbone features of the sources and of the targets of K pairs: (K, C, h, w) each."""
@@ -60,10 +60,6 @@ def initial_model(config: TrainConfig) -> torch.nn.Module:
     return build_model(config)
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint that does not belong to this run (other config or data) or is unreadable."""
-
-
 def negative_pairs(positives: int, negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(source index, target index) of the negatives: source i with target (i + k) mod P for
     k = 1..P-1 in turn (the authors' order), the first ``negatives`` of them."""
@@ -78,20 +74,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     return 1.0 if config.milestone is None or step < config.milestone else config.lr_decay
-
-
-def atomic_save(payload: dict, path: Path) -> None:
-    """torch.save through :func:`datagen.format.atomic.atomic_write` (``path.tmp``, fsync, rename):
-    a checkpoint file is never half written, and a failed save leaves the previous one."""
-    atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint read with ``weights_only=True`` (tensors and plain data only, never code)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - reported with the file's name
-        raise ResumeError(f"{path}: not a readable checkpoint ({error})") from error
 
 
 def rng_state() -> dict:
@@ -561,44 +543,6 @@ class Trainer:
             tgt_feat = self.features(batch["tgt_image"][:1])
             src_out, tgt_out = self.model(src_feat, tgt_feat)
         return src_out[0].float().cpu(), tgt_out[0].float().cpu()
-
-
-class Inference(NamedTuple):
-    """A checkpoint ready to run: in eval mode, on the device asked for."""
-
-    config: TrainConfig
-    backbone: Backbone
-    model: torch.nn.Module
-    step: int
-    backbone_record: dict
-    """Where the backbone's weights came from: ``{"source", "format", "sha256"}``; source "random"
-    for a run trained with ``--backbone-weights random``."""
-
-
-def load_for_inference(path, device: str = "auto") -> Inference:
-    """The config, backbone, model, step and backbone record of a checkpoint, in eval mode on
-    ``device``: the checkpoint holds the frozen backbone's weights too, so evaluation and
-    prediction need no other file. The authors' released file (``hard_mining_neg5.pth``) is
-    read too, converted in memory as ``trainer import-released`` would (their 'small' model).
-    Anything that is not a trainer checkpoint with a valid config raises :class:`ResumeError`."""
-    state = load_checkpoint(path)
-    if is_released_checkpoint(state):
-        try:
-            state, _ = released_checkpoint(state, source=str(Path(path).resolve()), sha256=sha256_file(path))
-        except ReleasedCheckpointError as error:
-            raise ResumeError(f"{path}: the authors' released file, but: {error}") from error
-    try:
-        config = TrainConfig.from_dict(state["config"]).validate()
-        backbone = Backbone()
-        backbone.load_state_dict(state["backbone_state"])
-        model = build_model(config)
-        model.load_state_dict(state["model"])
-        step = int(state["step"])
-        record = dict(state.get("backbone") or {})
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
-        raise ResumeError(f"{path}: not a trainer checkpoint ({type(error).__name__}: {error})") from error
-    target = resolve_device(device)
-    return Inference(config, backbone.to(target).eval(), model.to(target).eval(), step, record)
 
 
 class MetricsLogger:

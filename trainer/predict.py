@@ -18,7 +18,7 @@ from datagen.format.draw import GAP
 from datagen.format.imageio import load_rgb, resize_image
 
 from .evaluate import features, run_pair
-from .loop import load_for_inference
+from .inference import load_for_inference
 from .visual import nothing_passes, render_prediction
 
 

@@ -339,7 +339,7 @@ def released_checkpoint(obj: object, *, source: str, sha256: str | None = None, 
     The summary is plain data: source, sha256, step, config (the transformer's, as a dict),
     layer_type, encoder_keys and backbone_keys (how many were mapped), mapping (their encoder key
     -> ours) and tied_layers (pairs of our layer indices that were one shared module in theirs)."""
-    from .loop import CHECKPOINT_FORMAT
+    from .checkpoints import CHECKPOINT_FORMAT
 
     if not is_released_checkpoint(obj):
         found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
@@ -397,7 +397,7 @@ def import_released(path, out_path, mode: str | None = "small",
     :func:`trainer.loop.load_for_inference`. Returns the summary of :func:`released_checkpoint`
     with ``out`` added. Raises :class:`ReleasedCheckpointError` naming the file for anything that
     is not the authors' model of this ``mode`` / ``layer_type`` / ``heads``."""
-    from .loop import atomic_save
+    from .checkpoints import atomic_save
 
     path, out_path = Path(path).expanduser(), Path(out_path).expanduser()
     if out_path.exists() and (not force or out_path.resolve() == path.resolve()):

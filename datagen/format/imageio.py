@@ -79,7 +79,7 @@ def load_rgb(path, *, min_side: int = 32, max_pixels: int = 100_000_000,
     Grayscale becomes RGB, alpha is dropped, 16-bit is rounded to 8-bit, CMYK JPEG is
     converted by OpenCV. ``expected_size`` is (width, height), e.g. from the annotation.
     """
-    data = _read_bytes(path)
+    data = read_input_bytes(path)
     _check_complete(path, data)
     declared = header_size(data)
     if declared is not None and declared[0] * declared[1] > max_pixels:
@@ -97,7 +97,9 @@ def load_rgb(path, *, min_side: int = 32, max_pixels: int = 100_000_000,
     return image
 
 
-def _read_bytes(path) -> bytes:
+def read_input_bytes(path, what: str = "an image file") -> bytes:
+    """The bytes of an input file; :class:`BadInput` naming it when it is missing, a directory,
+    unreadable or empty (``what`` names the kind of file in those messages)."""
     try:
         if isinstance(path, Path):  # what read_bytes does, without parsing the path again
             with open(path, "rb") as handle:
@@ -107,7 +109,7 @@ def _read_bytes(path) -> bytes:
     except FileNotFoundError:
         raise BadInput(path, "file not found") from None
     except IsADirectoryError:
-        raise BadInput(path, "is a directory, not an image file") from None
+        raise BadInput(path, f"is a directory, not {what}") from None
     except OSError as error:
         raise BadInput(path, f"cannot read file: {error.strerror or error}") from None
     if not data:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from datagen.format.imageio import IMAGE_SUFFIXES, BadInput
+from datagen.format.imageio import IMAGE_SUFFIXES, BadInput, read_input_bytes
 
 MASK_SUFFIXES = (".png", ".bmp")
 """Suffixes (lower case) of mask files: lossless formats only (a JPEG mask's compression noise
@@ -48,16 +48,7 @@ def load_mask(path) -> np.ndarray:
     level). Raises :class:`datagen.format.imageio.BadInput` naming the file if it cannot be read
     or decoded. Note that colour-coded class maps (e.g. the raw MSRC-v2 labels, where every class
     has a colour) are not foreground/background masks: every labelled pixel would count."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadInput(path, "mask file not found") from None
-    except IsADirectoryError:
-        raise BadInput(path, "is a directory, not a mask file") from None
-    except OSError as error:
-        raise BadInput(path, f"cannot read mask file: {error.strerror or error}") from None
-    if not data:
-        raise BadInput(path, "empty mask file")
+    data = read_input_bytes(path, "a mask file")
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     if decoded is None or decoded.size == 0:
         raise BadInput(path, "cannot decode mask (corrupt or unsupported format)")

@@ -224,7 +224,7 @@ def first_stage(descriptors: torch.Tensor, count: int, block: int = 4096) -> np.
 def discover(checkpoint, images_dir, out_dir, options: DiscoverOptions | None = None, device: str = "auto") -> dict:
     """The whole chain (module docstring) on the images of ``images_dir``; writes ``out_dir`` and
     returns report.json's contents."""
-    from ..loop import load_for_inference
+    from ..inference import load_for_inference
     from ..retrieval.engine import Resolution
     from ..retrieval.rank import database_cache, global_descriptors
 

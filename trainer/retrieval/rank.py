@@ -203,7 +203,7 @@ def retrieve(checkpoint, database_dir, queries: Sequence[Query], query_dir, out_
     module docstring). ``checkpoint``: a checkpoint file, or a network already loaded
     (:class:`trainer.loop.Inference`: a training run validating itself). Returns the contents of
     run.json."""
-    from ..loop import Inference, load_for_inference
+    from ..inference import Inference, load_for_inference
 
     options = options or RetrieveOptions()
     started = time.perf_counter()
