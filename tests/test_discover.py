@@ -60,6 +60,8 @@ def test_cosegmentation_recovers_the_pasted_object(collection, oracle, tmp_path)
     assert found > 0.6 and found > 2 * max(whole, centred), (found, whole, centred)
     for mask in masks[1 + COPIES:]:  # the distractors hold nothing of it
         assert mask.mean() < 0.05
+    overview = cv2.imread(str(tmp_path / "overview.jpg"))
+    assert overview is not None and overview.shape[1] == 6 * 192 + 7 * 6  # the images, six a row
     potentials = np.load(tmp_path / "potentials.npy")
     assert potentials.shape == (len(paths), SIZE // 16, SIZE // 16)
 

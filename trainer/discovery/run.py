@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from datagen.format.atomic import atomic_write_bytes
+from datagen.format.draw import fit_width, overlay_mask
 from datagen.format.imageio import load_rgb
 
 from ..retrieval.images import inspect_images, list_images
@@ -187,9 +188,10 @@ def discover_from_predictions(image_paths: Sequence[Path], predictions: Predicti
 
 def _write_masks(image_paths: Sequence[Path], potentials: np.ndarray, folder: Path, options: CosegOptions,
                  progress: bool) -> dict:
-    """GrabCut every image from its potential; ``folder/<stem>.png`` 0/255 at the image's size."""
+    """GrabCut every image from its potential; ``folder/<stem>.png`` 0/255 at the image's size, and
+    ``overview.jpg`` beside the folder: the first images with their masks tinted."""
     folder.mkdir(parents=True, exist_ok=True)
-    fallbacks = {}
+    fallbacks, thumbnails = {}, []
     for path, potential in tqdm(list(zip(image_paths, potentials)), desc="coseg", unit="img",
                                 disable=not progress, file=sys.stderr, dynamic_ncols=True):
         image = load_rgb(path)
@@ -200,7 +202,35 @@ def _write_masks(image_paths: Sequence[Path], potentials: np.ndarray, folder: Pa
         if not ok:
             raise OSError(f"{folder}: cannot encode the mask of {path}")
         atomic_write_bytes(folder / f"{Path(path).stem}.png", data.tobytes())
+        if len(thumbnails) < OVERVIEW_IMAGES:
+            thumbnails.append(fit_width(overlay_mask(image, result.mask.astype(np.uint8), fill=True), OVERVIEW_WIDTH))
+    if thumbnails:
+        write_overview(folder.parent / "overview.jpg", thumbnails)
     return {"images": len(image_paths), "fallbacks": fallbacks, "folder": str(folder)}
+
+
+OVERVIEW_IMAGES = 60
+"""Images drawn on ``overview.jpg`` (the first ones, in the folder's order)."""
+OVERVIEW_WIDTH = 192
+
+
+def write_overview(path: Path, thumbnails: Sequence[np.ndarray], columns: int = 6) -> None:
+    """A contact sheet of (H, W, 3) uint8 RGB thumbnails of one width, ``columns`` a row, on white."""
+    rows = [thumbnails[i: i + columns] for i in range(0, len(thumbnails), columns)]
+    gap = 6
+    width = columns * OVERVIEW_WIDTH + (columns + 1) * gap
+    heights = [max(t.shape[0] for t in row) for row in rows]
+    sheet = np.full((sum(heights) + (len(rows) + 1) * gap, width, 3), 255, np.uint8)
+    top = gap
+    for row, height in zip(rows, heights):
+        for column, thumb in enumerate(row):
+            left = gap + column * (OVERVIEW_WIDTH + gap)
+            sheet[top: top + thumb.shape[0], left: left + thumb.shape[1]] = thumb
+        top += height + gap
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    if not ok:
+        raise OSError(f"{path}: cannot encode the overview")
+    atomic_write_bytes(path, data.tobytes())
 
 
 # -- the network's part ---------------------------------------------------------------------------
