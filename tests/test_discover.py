@@ -61,7 +61,7 @@ def test_cosegmentation_recovers_the_pasted_object(collection, oracle, tmp_path)
     for mask in masks[1 + COPIES:]:  # the distractors hold nothing of it
         assert mask.mean() < 0.05
     overview = cv2.imread(str(tmp_path / "overview.jpg"))
-    assert overview is not None and overview.shape[1] == 6 * 192 + 7 * 6  # the images, six a row
+    assert overview is not None and overview.shape[1] == 6 * 192 + 7 * 8  # the images, six a row
     potentials = np.load(tmp_path / "potentials.npy")
     assert potentials.shape == (len(paths), SIZE // 16, SIZE // 16)
 

@@ -159,17 +159,23 @@ def render_contact_sheet(samples: list[PairSample], columns: int = 2, n_lines: i
     if columns < 1:
         raise ValueError(f"render_contact_sheet: columns must be >= 1, got {columns}")
     tiles = [fit_width(render_pair(s, n_lines, seed + i, fill), pair_width) for i, s in enumerate(samples)]
+    return tile_sheet(tiles, columns, pair_width)
+
+
+def tile_sheet(tiles: list[np.ndarray], columns: int, tile_width: int, margin: int = SHEET_MARGIN) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: ``tiles`` ((h, tile_width, 3) uint8 each, any heights) in rows of
+    ``columns`` (fewer if there are fewer tiles), ``margin`` pixels of white around each."""
     columns = min(columns, len(tiles))
     rows = [tiles[r: r + columns] for r in range(0, len(tiles), columns)]
     row_heights = [max(t.shape[0] for t in row) for row in rows]
-    width = columns * pair_width + (columns + 1) * SHEET_MARGIN
-    height = sum(row_heights) + (len(rows) + 1) * SHEET_MARGIN
+    width = columns * tile_width + (columns + 1) * margin
+    height = sum(row_heights) + (len(rows) + 1) * margin
     sheet = np.empty((height, width, 3), np.uint8)
     sheet[:] = GAP_COLOUR
-    top = SHEET_MARGIN
+    top = margin
     for row, row_height in zip(rows, row_heights):
         for c, tile in enumerate(row):
-            left = SHEET_MARGIN + c * (pair_width + SHEET_MARGIN)
+            left = margin + c * (tile_width + margin)
             sheet[top: top + tile.shape[0], left: left + tile.shape[1]] = tile
-        top += row_height + SHEET_MARGIN
+        top += row_height + margin
     return sheet

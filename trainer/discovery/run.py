@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from datagen.format.atomic import atomic_write_bytes
-from datagen.format.draw import fit_width, overlay_mask
+from datagen.format.draw import fit_width, overlay_mask, tile_sheet
 from datagen.format.imageio import load_rgb
 
 from ..retrieval.images import inspect_images, list_images
@@ -216,17 +216,7 @@ OVERVIEW_WIDTH = 192
 
 def write_overview(path: Path, thumbnails: Sequence[np.ndarray], columns: int = 6) -> None:
     """A contact sheet of (H, W, 3) uint8 RGB thumbnails of one width, ``columns`` a row, on white."""
-    rows = [thumbnails[i: i + columns] for i in range(0, len(thumbnails), columns)]
-    gap = 6
-    width = columns * OVERVIEW_WIDTH + (columns + 1) * gap
-    heights = [max(t.shape[0] for t in row) for row in rows]
-    sheet = np.full((sum(heights) + (len(rows) + 1) * gap, width, 3), 255, np.uint8)
-    top = gap
-    for row, height in zip(rows, heights):
-        for column, thumb in enumerate(row):
-            left = gap + column * (OVERVIEW_WIDTH + gap)
-            sheet[top: top + thumb.shape[0], left: left + thumb.shape[1]] = thumb
-        top += height + gap
+    sheet = tile_sheet(list(thumbnails), columns, OVERVIEW_WIDTH)
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
     if not ok:
         raise OSError(f"{path}: cannot encode the overview")

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 import torch
 
-from ..backbone import STRIDE, normalise
+from ..backbone import STRIDE
+from ..evaluate import device_of, features
 from .scoring import box_cell_mask, score_pairs, self_consistent_mask
 
 
@@ -113,16 +114,6 @@ def region_mask(box, resolution: Resolution) -> torch.Tensor:
     return box_cell_mask(box, (resolution.width, resolution.height), resolution.grid, dilate=1)
 
 
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 1024, H/16, W/16) float32 features on the backbone's device."""
-    return backbone(normalise(images).to(device_of(backbone))).float()
-
-
 class PairScorer:
     """A network with its backbone, scoring one query at a time against batches of candidates.
 
@@ -139,7 +130,7 @@ class PairScorer:
 
     def query_features(self, view: np.ndarray) -> torch.Tensor:
         """(1, C, h, w) features of a prepared query view."""
-        return extract_features(self.backbone, view[None])
+        return features(self.backbone, view[None])
 
     @torch.no_grad()
     def query_region(self, query_feat: torch.Tensor, region: torch.Tensor) -> torch.Tensor:

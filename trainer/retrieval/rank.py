@@ -36,8 +36,9 @@ from tqdm import tqdm
 from datagen.format.atomic import atomic_write, atomic_write_bytes
 from datagen.format.imageio import load_rgb
 
+from ..evaluate import features
 from .cache import FeatureCache, cache_key, fill
-from .engine import PairScorer, Resolution, database_view, extract_features, query_view, region_mask
+from .engine import PairScorer, Resolution, database_view, query_view, region_mask
 from .images import ImageRecord, inspect_images, list_images, safe_relative
 from .pictures import picture_name, write_query_picture
 
@@ -147,7 +148,7 @@ def database_cache(backbone: torch.nn.Module, records: Sequence[ImageRecord], re
 
     def compute(rows: Sequence[int]) -> torch.Tensor:
         views = np.stack([database_view(load_rgb(records[row].path), resolution) for row in rows])
-        return extract_features(backbone, views).cpu()
+        return features(backbone, views).cpu()
 
     stats = fill(cache, compute, batch=batch, progress=progress, desc="database features")
     return cache, stats

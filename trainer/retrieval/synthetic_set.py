@@ -22,7 +22,7 @@ ANNOTATIONS = "retrieval.json"
 IMAGES = "images"
 
 
-def mask_box(mask: np.ndarray) -> list[float] | None:
+def pixel_box(mask: np.ndarray) -> list[float] | None:
     """[x1, y1, x2, y2] pixel corners of the non-zero pixels of an (H, W) mask, None if empty."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
@@ -50,7 +50,7 @@ def write_retrieval_set(shards, out_dir, n: int | None = 50) -> dict:
     for index, sample in enumerate(iter_samples(shards)):
         if n is not None and written >= n:
             break
-        src_box, tgt_box = mask_box(sample.src_mask > 0), mask_box(sample.tgt_mask > 0)
+        src_box, tgt_box = pixel_box(sample.src_mask > 0), pixel_box(sample.tgt_mask > 0)
         if src_box is None or tgt_box is None:
             skipped += 1
             continue
