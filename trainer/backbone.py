@@ -171,3 +171,13 @@ def find_backbone_weights(explicit: str | None) -> str:
         return str(find_weights(BACKBONE_WEIGHTS, explicit))
     except WeightsError as error:
         raise BackboneWeightsError(str(error)) from None
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def features(backbone: torch.nn.Module, images_uint8) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (numpy or tensor) -> (B, 1024, H/16, W/16) float32 features, on the backbone's device."""
+    return backbone(normalise(images_uint8).to(device_of(backbone))).float()

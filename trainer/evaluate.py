@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbone import normalise
+from .backbone import device_of, features
 from .config import TrainConfig
 from .inference import load_for_inference
 from .score import pair_score
@@ -128,16 +128,6 @@ def average_precision(scores, labels) -> float:
 def eval_config(config: TrainConfig) -> TrainConfig:
     """``config`` with no style, no role swap and no hidden tokens: the deterministic examples."""
     return dataclasses.replace(config, style_prob=0.0, swap_prob=0.0, hide_prob=0.0)
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@torch.no_grad()
-def features(backbone: torch.nn.Module, images_uint8) -> torch.Tensor:
-    """(B, H, W, 3) uint8 (numpy or tensor) -> (B, 1024, H/16, W/16) float32 features, on the backbone's device."""
-    return backbone(normalise(images_uint8).to(device_of(backbone))).float()
 
 
 @torch.no_grad()

@@ -23,8 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..backbone import STRIDE
-from ..evaluate import device_of, features
+from ..backbone import STRIDE, device_of, features
 from .scoring import box_cell_mask, score_pairs, self_consistent_mask
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from datagen.format.atomic import atomic_write, atomic_write_bytes
 from datagen.format.imageio import load_rgb
 
-from ..evaluate import features
+from ..backbone import features
 from .cache import FeatureCache, cache_key, fill
 from .engine import PairScorer, Resolution, database_view, query_view, region_mask
 from .images import ImageRecord, inspect_images, list_images, safe_relative
