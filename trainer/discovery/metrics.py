@@ -26,6 +26,8 @@ import numpy as np
 
 from datagen.format.imageio import IMAGE_SUFFIXES, BadInput, read_input_bytes
 
+from ..retrieval.images import plain_name_problem
+
 MASK_SUFFIXES = (".png", ".bmp")
 """Suffixes (lower case) of mask files: lossless formats only (a JPEG mask's compression noise
 would turn background into foreground under "any non-zero")."""
@@ -151,15 +153,6 @@ class ClassListing:
         return self.items[index]
 
 
-def _plain_name_problem(name) -> str | None:
-    """Why ``name`` is not a plain file or folder name (it could leave its folder), or None."""
-    if not isinstance(name, str) or not name:
-        return f"{name!r} is not a non-empty string"
-    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
-        return f"{name!r} is not a plain name (no path separators, '.', '..' or NUL)"
-    return None
-
-
 def _files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     """Plain (non-hidden) files directly in ``folder`` with one of ``suffixes`` (any case), sorted."""
     return sorted(entry for entry in folder.iterdir()
@@ -281,7 +274,7 @@ def evaluate_folder(pred_dir, gt_root, layout: str = "internet", classes: Sequen
         if not classes:
             raise LayoutError(f"{pred_root}: no class folder (predictions go in {pred_root}/<class>/<stem>.png)")
     for name in classes:
-        problem = _plain_name_problem(name)
+        problem = plain_name_problem(name, "name")
         if problem:
             raise LayoutError(f"class {problem}")
         if not (gt_root / name).is_dir():

@@ -192,14 +192,20 @@ def top_neighbours(n_images: int, predictions: Predictions, k: int) -> np.ndarra
     return neighbours
 
 
+def partner_pairs(neighbours: np.ndarray) -> list[tuple[int, int]]:
+    """The pairs (a, b) of two partners of one image, for every image of ``neighbours`` (N, k)
+    (-1 entries skipped): the third sides of the triangles through each image."""
+    pairs = []
+    for row in neighbours:
+        partners = [int(p) for p in row if p >= 0]
+        pairs += [(a, b) for x, a in enumerate(partners) for b in partners[x + 1:]]
+    return pairs
+
+
 def triangle_pairs(neighbours: np.ndarray, known: np.ndarray) -> np.ndarray:
     """The unordered pairs (j, n) of two neighbours of one image that ``known`` (P, 2) lacks: the
     predictions a 3-cycle through each image needs. At most N * k * (k - 1) / 2 of them."""
-    wanted = []
-    for row in neighbours:
-        partners = [int(p) for p in row if p >= 0]
-        wanted += [(a, b) for x, a in enumerate(partners) for b in partners[x + 1:]]
-    candidates = unordered(wanted)
+    candidates = unordered(partner_pairs(neighbours))
     if not len(candidates) or not len(known):
         return candidates
     known_keys = set(map(tuple, unordered(known).tolist()))

@@ -46,7 +46,16 @@ from .clusters import cluster_regions, kmeans, write_cluster_page
 from .coseg import CosegOptions
 from .filters import border_pairs, duplicate_pairs
 from .graph import GraphParams, build_graph
-from .pairs import PairStore, Predictions, network_runner, plan_identity, top_neighbours, triangle_pairs, unordered
+from .pairs import (
+    PairStore,
+    Predictions,
+    network_runner,
+    partner_pairs,
+    plan_identity,
+    top_neighbours,
+    triangle_pairs,
+    unordered,
+)
 from .spectral import image_potentials, leading_eigenvectors, vertex_embedding
 
 MODES = ("coseg", "clusters")
@@ -128,9 +137,7 @@ def graph_pairs(neighbours: np.ndarray, predictions: Predictions, close_triangle
     and (``close_triangles``) the pairs between two partners of one image."""
     wanted = [(i, int(j)) for i, row in enumerate(neighbours) for j in row if j >= 0]
     if close_triangles:
-        for row in neighbours:
-            partners = [int(p) for p in row if p >= 0]
-            wanted += [(a, b) for x, a in enumerate(partners) for b in partners[x + 1:]]
+        wanted += partner_pairs(neighbours)
     keys = {tuple(pair) for pair in unordered(wanted).tolist()}
     return np.array([index for index, pair in enumerate(predictions.pairs.tolist()) if tuple(pair) in keys],
                     dtype=np.int64)

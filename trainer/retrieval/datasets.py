@@ -28,6 +28,8 @@ import scipy.io
 
 from datagen.format.imageio import IMAGE_SUFFIXES
 
+from .images import plain_name_problem, relative_path_problem
+
 DEFAULT_POS_DIST_THR = 25.0
 """Metres within which a database image matches a query, when a ``.mat`` file has no ``posDistThr``."""
 SHORTLIST_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
@@ -35,31 +37,6 @@ SHORTLIST_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
 
 class DatasetError(ValueError):
     """A benchmark file that cannot be used; ``str()`` names the file and the entry."""
-
-
-# -- names and paths ----------------------------------------------------------------------------
-
-def _plain_name_problem(name) -> str | None:
-    """Why ``name`` is not a plain file name (no folder part, cannot leave its folder), or None."""
-    if not isinstance(name, str) or not name:
-        return f"{name!r} is not a non-empty string"
-    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
-        return f"{name!r} is not a plain file name (no path separators, '.', '..' or NUL)"
-    return None
-
-
-def _relative_path_problem(name) -> str | None:
-    """Why ``name`` is not a safe relative path ('000/000000_pitch1_yaw1.jpg'), or None."""
-    if not isinstance(name, str) or not name:
-        return f"{name!r} is not a non-empty string"
-    if "\\" in name or "\0" in name:
-        return f"{name!r} holds a backslash or NUL"
-    if name.startswith("/"):
-        return f"{name!r} is an absolute path"
-    parts = name.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        return f"{name!r} has an empty, '.' or '..' component"
-    return None
 
 
 def _first(items: Sequence, count: int = 5) -> str:
@@ -131,7 +108,7 @@ def _box(value, where: str) -> Box:
 def _named_box(value, where: str) -> tuple[str, Box]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise DatasetError(f"{where}: expected [image_name, [x1, y1, x2, y2]], got {value!r}")
-    problem = _plain_name_problem(value[0])
+    problem = plain_name_problem(value[0])
     if problem:
         raise DatasetError(f"{where}: image name {problem}")
     return value[0], _box(value[1], f"{where} ({value[0]})")
@@ -229,7 +206,7 @@ def _checked_names(names: list[str], where: str) -> tuple[str, ...]:
     if not names:
         raise DatasetError(f"{where}: no images")
     for i, name in enumerate(names):
-        problem = _relative_path_problem(name)
+        problem = relative_path_problem(name)
         if problem:
             raise DatasetError(f"{where}, entry {i}: {problem}")
     seen: set[str] = set()

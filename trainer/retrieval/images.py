@@ -43,6 +43,30 @@ def safe_relative(name: str, what: str = "image") -> str:
     return text
 
 
+def plain_name_problem(name, kind: str = "file name") -> str | None:
+    """Why ``name`` is not a plain file (or folder) name: no folder part, so it cannot leave its
+    folder; None when it is one. ``kind`` names what it should be in the message."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r} is not a non-empty string"
+    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        return f"{name!r} is not a plain {kind} (no path separators, '.', '..' or NUL)"
+    return None
+
+
+def relative_path_problem(name) -> str | None:
+    """Why ``name`` is not a safe relative path ('000/000000_pitch1_yaw1.jpg'), or None."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r} is not a non-empty string"
+    if "\\" in name or "\0" in name:
+        return f"{name!r} holds a backslash or NUL"
+    if name.startswith("/"):
+        return f"{name!r} is an absolute path"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return f"{name!r} has an empty, '.' or '..' component"
+    return None
+
+
 def list_images(folder) -> list[str]:
     """Sorted relative names of the image files under ``folder`` (suffixes of
     :data:`datagen.format.imageio.IMAGE_SUFFIXES`, any case; hidden files skipped)."""
